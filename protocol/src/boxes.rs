@@ -1,0 +1,123 @@
+//! Boxes: what users create, what the control plane places, what runners run.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// Lifecycle state of a box.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BoxState {
+    /// Placed on a runner, not yet created there.
+    Pending,
+    /// Its root filesystem exists; not running.
+    Stopped,
+    /// Running.
+    Running,
+    /// Being moved to another runner.
+    Migrating,
+    /// Removal asked for; the runner has not confirmed yet.
+    Deleting,
+    /// Gone.
+    Deleted,
+    /// The runner could not create or start it; see `error`.
+    Error,
+}
+
+/// Resources a box may use, or a runner has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// CPU, thousandths of a core.
+    pub cpu_millicores: u64,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// Disk, MiB.
+    pub disk_mib: u64,
+}
+
+/// Everything a runner needs to create a box.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoxSpec {
+    /// Box id; stays the same across migration.
+    pub id: Uuid,
+    /// Image name in the runner's image store (`default` is always present).
+    pub image: String,
+    /// Limits.
+    pub resources: Resources,
+    /// Environment of every process in the box.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Network access (off by default: the box gets only a loopback interface).
+    #[serde(default)]
+    pub network: bool,
+}
+
+/// `POST /api/boxes` body.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateBoxRequest {
+    /// Image; `default` when absent.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// CPU, millicores; a default applies when absent.
+    #[serde(default)]
+    pub cpu_millicores: Option<u64>,
+    /// Memory, MiB; a default applies when absent.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// Disk, MiB; a default applies when absent.
+    #[serde(default)]
+    pub disk_mib: Option<u64>,
+    /// Environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Labels for filtering.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Network access.
+    #[serde(default)]
+    pub network: bool,
+}
+
+/// A box as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoxInfo {
+    /// Box id.
+    pub id: Uuid,
+    /// Owning organization.
+    pub organization_id: Uuid,
+    /// Runner it is pinned to.
+    pub runner: Option<String>,
+    /// Image.
+    pub image: String,
+    /// Current state as last reported.
+    pub state: BoxState,
+    /// State the control plane is driving it to.
+    pub desired_state: BoxState,
+    /// Limits.
+    pub resources: Resources,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Network access.
+    pub network: bool,
+    /// Last error reported by the runner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Creation time.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Last change.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// `GET /api/boxes` answer: one page.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoxPage {
+    /// Boxes on this page, oldest first.
+    pub boxes: Vec<BoxInfo>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}

@@ -1,0 +1,22 @@
+//! Wire types shared by the control plane, the runner and boxctl.
+//!
+//! Everything here is plain data with serde derives: JSON over HTTP and
+//! WebSocket. Field names are the API's field names; changing one is an API
+//! change for every part at once, which is why they live in one crate.
+
+pub mod boxes;
+pub mod error;
+pub mod exec;
+pub mod health;
+pub mod runners;
+
+pub use boxes::*;
+pub use error::ApiError;
+pub use exec::*;
+pub use health::*;
+pub use runners::*;
+
+/// Prefix of user API keys, so they are recognisable in logs and by leak scanners.
+pub const API_KEY_PREFIX: &str = "bxk_";
+/// Prefix of runner tokens.
+pub const RUNNER_TOKEN_PREFIX: &str = "bxr_";

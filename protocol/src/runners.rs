@@ -1,0 +1,144 @@
+//! Runners: registration, the healthcheck loop, and the admin view.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::boxes::{BoxSpec, BoxState, Resources};
+
+/// Lifecycle state of a runner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunnerState {
+    /// Registered, no healthcheck yet.
+    Initializing,
+    /// Checking in and schedulable.
+    Ready,
+    /// Checking in; gets no new boxes.
+    Draining,
+    /// No healthcheck within the configured window.
+    Unresponsive,
+    /// Retired; its token no longer works.
+    Decommissioned,
+}
+
+/// `POST /api/admin/runners` body (admin).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRunnerRequest {
+    /// Unique runner name (`runner-1`).
+    pub name: String,
+    /// SHA-256 (hex) of a token minted by the caller; when absent the control
+    /// plane mints one and returns it once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_sha256: Option<String>,
+}
+
+/// `POST /api/admin/runners` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRunnerResponse {
+    /// The runner.
+    pub runner: RunnerInfo,
+    /// The minted token, shown this once (absent when the caller sent its hash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// One box as a runner reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoxReport {
+    /// Box id.
+    pub id: Uuid,
+    /// Its state on the runner.
+    pub state: BoxState,
+    /// What it uses now, from its cgroup.
+    #[serde(default)]
+    pub usage: Resources,
+    /// Last error, if it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `POST /api/runners/healthcheck` body (runner token).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthcheckRequest {
+    /// `boxlite-runner` version.
+    pub version: String,
+    /// Base URL where the control plane reaches this runner's API.
+    pub address: String,
+    /// What the runner can give to boxes in total.
+    pub capacity: Resources,
+    /// What its boxes use now (sum of their cgroups, not the host's totals).
+    pub usage: Resources,
+    /// Every box the runner has, whatever its state.
+    pub boxes: Vec<BoxReport>,
+}
+
+/// What the control plane wants a runner to do with one box.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum RunnerAction {
+    /// Create (and start) a box the runner does not have.
+    Create {
+        /// The box.
+        spec: BoxSpec,
+    },
+    /// Start a stopped box.
+    Start {
+        /// Box id.
+        id: Uuid,
+    },
+    /// Stop a running box.
+    Stop {
+        /// Box id.
+        id: Uuid,
+    },
+    /// Delete a box and its files.
+    Delete {
+        /// Box id.
+        id: Uuid,
+    },
+}
+
+/// `POST /api/runners/healthcheck` answer: level-triggered, so a runner that
+/// missed calls converges on the next one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthcheckResponse {
+    /// The runner's state as the control plane sees it.
+    pub state: RunnerState,
+    /// Actions to apply now.
+    pub actions: Vec<RunnerAction>,
+    /// Bearer key the control plane presents when it calls this runner's API.
+    pub api_key: String,
+    /// Seconds until the next healthcheck is expected.
+    pub interval_secs: u64,
+}
+
+/// A runner as the admin API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunnerInfo {
+    /// Runner id.
+    pub id: Uuid,
+    /// Unique name.
+    pub name: String,
+    /// State.
+    pub state: RunnerState,
+    /// Reported version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Reported address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Reported capacity.
+    pub capacity: Resources,
+    /// Reported usage.
+    pub usage: Resources,
+    /// Boxes pinned to it (not deleted).
+    pub boxes: u32,
+    /// Last healthcheck.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub last_seen_at: Option<OffsetDateTime>,
+}

@@ -1,0 +1,233 @@
+//! Stage resolution: a validated stage becomes its desired resource graph.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+
+use crate::diagnostic::closest;
+use crate::graph::{DesiredGraph, GraphError, Resource, Value};
+use crate::model::{Stack, Stage, Target};
+use crate::template::{self, TemplateError};
+
+/// Resource kinds the resolver produces, one per provider-specific shape.
+pub mod kinds {
+    /// A directory under the stage directory.
+    pub const LOCAL_DIRECTORY: &str = "local.directory";
+    /// A generated credential kept in a 0600 file; its value never appears in the graph.
+    pub const LOCAL_SECRET: &str = "local.secret";
+    /// A rendered file under the stage directory.
+    pub const LOCAL_FILE: &str = "local.file";
+    /// A supervised long-running process.
+    pub const LOCAL_PROCESS: &str = "local.process";
+}
+
+/// Why a stage cannot be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// The stage is not declared.
+    #[error("stage {name:?} does not exist in stack {stack:?} (stages: {}){}", known.join(", "), suggestion.as_ref().map(|s| format!("; did you mean {s:?}?")).unwrap_or_default())]
+    UnknownStage {
+        /// Stack name.
+        stack: String,
+        /// The stage asked for.
+        name: String,
+        /// Declared stages.
+        known: Vec<String>,
+        /// The closest declared stage.
+        suggestion: Option<String>,
+    },
+    /// The target is not available in this build.
+    #[error("stage {stage:?} targets {target}, which this build of boxctl cannot deploy yet")]
+    Unsupported {
+        /// Stage.
+        stage: String,
+        /// Target.
+        target: Target,
+    },
+    /// A template failed to render.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// The graph is inconsistent (a bug in the resolver).
+    #[error("internal error in the resource graph: {0}")]
+    Graph(#[from] GraphError),
+}
+
+impl Stack {
+    /// A stage by name, or an error that lists the declared ones.
+    pub fn stage(&self, name: &str) -> Result<&Stage, ResolveError> {
+        self.stages
+            .get(name)
+            .ok_or_else(|| ResolveError::UnknownStage {
+                stack: self.name.clone(),
+                name: name.to_string(),
+                known: self.stages.keys().cloned().collect(),
+                suggestion: closest(name, self.stages.keys().map(String::as_str))
+                    .map(str::to_string),
+            })
+    }
+
+    /// The desired resource graph of a stage.
+    pub fn resolve(&self, stage: &str) -> Result<DesiredGraph, ResolveError> {
+        let s = self.stage(stage)?;
+        let graph = match s.target {
+            Target::Local => local(&self.name, s)?,
+            Target::Aws => {
+                return Err(ResolveError::Unsupported {
+                    stage: s.name.clone(),
+                    target: s.target,
+                });
+            }
+        };
+        graph.check()?;
+        Ok(graph)
+    }
+}
+
+/// SHA-256 of text, hex.
+pub fn sha256_hex(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+fn program(stage: &Stage, name: &str) -> String {
+    match &stage.local.bin_dir {
+        Some(dir) => format!("{}/{name}", dir.trim_end_matches('/')),
+        None => name.to_string(),
+    }
+}
+
+/// The local target: the platform as supervised processes under the stage directory.
+fn local(stack: &str, s: &Stage) -> Result<DesiredGraph, ResolveError> {
+    use kinds::*;
+    let mut g = DesiredGraph::new(stack, &s.name, Target::Local);
+    let api_port = s.local.api_port;
+    let api_url = format!("http://127.0.0.1:{api_port}");
+
+    g.add(
+        Resource::new("dir/data", LOCAL_DIRECTORY)
+            .prop("path", "data")
+            .prop("mode", "0700"),
+    )?;
+    g.add(
+        Resource::new("secret/admin-api-key", LOCAL_SECRET)
+            .prop("path", "secrets/admin-api-key")
+            .prop("prefix", "bxk_")
+            .prop("bytes", 32u32),
+    )?;
+
+    let oidc = match &s.oidc {
+        Some(o) => format!(
+            "\n[oidc]\nissuer = {:?}\naudience = {:?}\n",
+            o.issuer, o.audience
+        ),
+        None => String::new(),
+    };
+    let cp_config = template::LOCAL_CONTROL_PLANE.render(&BTreeMap::from([
+        ("stage", s.name.clone()),
+        ("api_port", api_port.to_string()),
+        (
+            "database_url",
+            "sqlite://data/control-plane.db?mode=rwc".to_string(),
+        ),
+        ("admin_key_file", "secrets/admin-api-key".to_string()),
+        ("oidc", oidc),
+    ]))?;
+    let cp_config_sha = sha256_hex(&cp_config);
+    g.add(
+        Resource::new("config/control-plane", LOCAL_FILE)
+            .prop("path", "config/control-plane.toml")
+            .prop("content", cp_config)
+            .prop("mode", "0600"),
+    )?;
+    g.add(
+        Resource::new("process/control-plane", LOCAL_PROCESS)
+            .prop("program", program(s, "boxlite-control-plane"))
+            .prop(
+                "args",
+                Value::strs(["--config", "config/control-plane.toml"]),
+            )
+            .prop("env", Value::str_map([("RUST_LOG", "info")]))
+            .prop("health", format!("{api_url}/api/health"))
+            .prop("log", "logs/control-plane.log")
+            .prop("running", true)
+            .prop("config_sha256", cp_config_sha)
+            .dep("dir/data")
+            .dep("secret/admin-api-key")
+            .dep("config/control-plane"),
+    )?;
+
+    for n in 1..=s.runners {
+        let name = format!("runner-{n}");
+        let port = u32::from(s.local.runner_port_base) + n;
+        let token_file = format!("secrets/{name}-token");
+        g.add(
+            Resource::new(format!("secret/{name}-token"), LOCAL_SECRET)
+                .prop("path", token_file.as_str())
+                .prop("prefix", "bxr_")
+                .prop("bytes", 32u32),
+        )?;
+        let config = template::LOCAL_RUNNER.render(&BTreeMap::from([
+            ("stage", s.name.clone()),
+            ("name", name.clone()),
+            ("port", port.to_string()),
+            ("api_port", api_port.to_string()),
+            ("token_file", token_file.clone()),
+            ("state_dir", format!("data/runners/{name}")),
+        ]))?;
+        let config_sha = sha256_hex(&config);
+        let config_path = format!("config/{name}.toml");
+        g.add(
+            Resource::new(format!("config/{name}"), LOCAL_FILE)
+                .prop("path", config_path.as_str())
+                .prop("content", config)
+                .prop("mode", "0600"),
+        )?;
+        // Runners are stateful: protected, and their binary is rolled by
+        // `boxctl runner upgrade`, not by deploy.
+        g.add(
+            Resource::new(format!("runner/{name}"), LOCAL_PROCESS)
+                .prop("program", program(s, "boxlite-runner"))
+                .prop("args", Value::strs(["--config", config_path.as_str()]))
+                .prop("env", Value::str_map([("RUST_LOG", "info")]))
+                .prop("health", format!("http://127.0.0.1:{port}/api/health"))
+                .prop("log", format!("logs/{name}.log"))
+                .prop("running", true)
+                .prop("config_sha256", config_sha)
+                .dep("dir/data")
+                .dep(&format!("secret/{name}-token"))
+                .dep(&format!("config/{name}"))
+                .dep("process/control-plane")
+                .protect()
+                .ignore_changes(&["program_sha256"]),
+        )?;
+    }
+
+    for svc in &s.services {
+        let mut env: BTreeMap<String, Value> = svc
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::str(v.as_str())))
+            .collect();
+        env.insert("PORT".into(), Value::str(svc.port.to_string()));
+        let health = match &svc.health_path {
+            Some(path) => format!("http://127.0.0.1:{}{path}", svc.port),
+            None => format!("tcp://127.0.0.1:{}", svc.port),
+        };
+        let (prog, args) = svc
+            .command
+            .split_first()
+            .expect("validated: command is not empty on local");
+        g.add(
+            Resource::new(format!("service/{}", svc.name), LOCAL_PROCESS)
+                .prop("program", prog.as_str())
+                .prop("args", Value::strs(args.iter().map(String::as_str)))
+                .prop("env", Value::Map(env))
+                .prop("health", health)
+                .prop("log", format!("logs/service-{}.log", svc.name))
+                .prop("running", true)
+                .dep("dir/data"),
+        )?;
+    }
+
+    g.outputs.insert("api_url".into(), Value::str(api_url));
+    Ok(g)
+}
