@@ -1,1 +1,128 @@
-//! placeholder
+//! Test support shared by every crate's tests: free ports, readiness waits,
+//! and guards that stop what a test started. Servers bind 127.0.0.1 only.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1 (bound and released, so a race is possible but rare).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port on 127.0.0.1")
+}
+
+/// `count` distinct free ports.
+pub fn free_ports(count: usize) -> Vec<u16> {
+    // Hold every listener until all are chosen so the kernel hands out distinct ports.
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port on 127.0.0.1"))
+        .collect();
+    listeners.iter().map(|l| l.local_addr().expect("local addr").port()).collect()
+}
+
+/// Poll `ready` every 50 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ready() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Wait until something accepts TCP connections on 127.0.0.1:`port`.
+pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_until(timeout, || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+}
+
+/// Kills (SIGKILL) and reaps a child process when dropped.
+pub struct ChildGuard {
+    child: Option<Child>,
+    name: String,
+}
+
+impl ChildGuard {
+    /// Guard `child`; `name` appears in messages.
+    pub fn new(name: impl Into<String>, child: Child) -> Self {
+        ChildGuard {
+            child: Some(child),
+            name: name.into(),
+        }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
+    }
+
+    /// Name given at creation.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The workspace root (the directory holding the top-level Cargo.toml).
+pub fn workspace_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().expect("testkit lives one level below the workspace root").to_path_buf()
+}
+
+/// Directory of the binaries cargo built for this test run (`target/debug`).
+pub fn target_bin_dir() -> PathBuf {
+    // Test executables live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().expect("current exe");
+    let deps = exe.parent().expect("exe has a parent");
+    if deps.ends_with("deps") {
+        deps.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        deps.to_path_buf()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_and_bindable() {
+        let ports = free_ports(5);
+        let mut sorted = ports.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 5);
+        for p in ports {
+            TcpListener::bind(("127.0.0.1", p)).expect("port is free");
+        }
+    }
+
+    #[test]
+    fn wait_for_port_sees_a_listener_and_times_out_without_one() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(wait_for_port(port, Duration::from_secs(2)));
+        drop(l);
+        assert!(!wait_for_port(port, Duration::from_millis(200)));
+    }
+}
