@@ -1,1 +1,3 @@
-//! placeholder
+//! boxctl: reconciles the world to stack.toml.
+
+pub mod engine;
