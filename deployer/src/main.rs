@@ -1,1 +1,5 @@
-fn main() {}
+//! `boxctl`: deploy and operate the BoxLite platform.
+
+fn main() -> std::process::ExitCode {
+    deployer::cli::main()
+}

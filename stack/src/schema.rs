@@ -253,16 +253,29 @@ impl StageLayer {
 
     /// This layer (the defaults) with `over` (a stage) applied on top.
     pub fn merge(self, over: StageLayer) -> StageLayer {
-        // Services merge by name: a stage entry replaces the default entry of the same name.
+        // Services merge by name: a stage entry replaces the default entry of the
+        // same name. Only default entries are replaced, so two entries with one
+        // name in the same list both stay and validation reports the duplicate.
+        let defaults = self.services.len();
         let mut services = self.services;
+        let mut replaced = vec![false; defaults];
         for s in over.services {
             let name = s.layer.name.as_ref().map(|n| n.value.clone());
-            match name.and_then(|n| {
-                services
-                    .iter()
-                    .position(|d| d.layer.name.as_ref().is_some_and(|dn| dn.value == n))
-            }) {
-                Some(i) => services[i] = s,
+            let slot = name.and_then(|n| {
+                (0..defaults).find(|&i| {
+                    !replaced[i]
+                        && services[i]
+                            .layer
+                            .name
+                            .as_ref()
+                            .is_some_and(|dn| dn.value == n)
+                })
+            });
+            match slot {
+                Some(i) => {
+                    services[i] = s;
+                    replaced[i] = true;
+                }
                 None => services.push(s),
             }
         }

@@ -42,7 +42,9 @@ impl RetryPolicy {
     /// Delay before attempt `attempt + 1` (attempt counts from 1): uniform in
     /// [0, min(max_delay, base * 2^(attempt-1))].
     pub fn delay(&self, attempt: u32) -> Duration {
-        let exp = self.base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        let exp = self
+            .base
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
         let cap = exp.min(self.max_delay);
         let millis = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
         Duration::from_millis(rand::rng().random_range(0..=millis))
@@ -131,7 +133,11 @@ fn steps<'p>(plan: &'p Plan, kinds: &[KindSpec]) -> Vec<Step<'p>> {
     let order = |kind: &str| kinds.iter().find(|k| k.kind == kind).map_or(0, |k| k.order);
     let mut out: Vec<Step<'p>> = Vec::new();
     let mut index: BTreeMap<&ResourceId, usize> = BTreeMap::new();
-    for c in plan.changes.iter().filter(|c| matches!(c.action, Action::Create | Action::Update | Action::Replace)) {
+    for c in plan
+        .changes
+        .iter()
+        .filter(|c| matches!(c.action, Action::Create | Action::Update | Action::Replace))
+    {
         index.insert(&c.id, out.len());
         out.push(Step {
             change: Some(c),
@@ -195,7 +201,8 @@ fn steps<'p>(plan: &'p Plan, kinds: &[KindSpec]) -> Vec<Step<'p>> {
     out
 }
 
-type StepFuture<'a> = Pin<Box<dyn Future<Output = (usize, Result<Option<Observed>, ProviderError>, u32)> + 'a>>;
+type StepFuture<'a> =
+    Pin<Box<dyn Future<Output = (usize, Result<Option<Observed>, ProviderError>, u32)> + 'a>>;
 
 /// Run `plan` against `provider`. `inventory` is what the plan was made from.
 #[allow(clippy::too_many_arguments)]
@@ -349,7 +356,11 @@ pub async fn apply<P: Provider>(
         }
     }
     if let Some(j) = journal {
-        let skipped: Vec<(String, Action)> = report.skipped.iter().map(|(id, a)| (id.to_string(), *a)).collect();
+        let skipped: Vec<(String, Action)> = report
+            .skipped
+            .iter()
+            .map(|(id, a)| (id.to_string(), *a))
+            .collect();
         j.steps_skipped(&skipped);
     }
     if !report.failed.is_empty() {
@@ -361,9 +372,11 @@ pub async fn apply<P: Provider>(
         .outputs
         .iter()
         .filter_map(|(k, v)| {
-            resolve_refs(v, &|r: &stack::Ref| outputs.get(&r.id).and_then(|o| o.get(&r.output)).cloned())
-                .ok()
-                .map(|v| (k.clone(), v))
+            resolve_refs(v, &|r: &stack::Ref| {
+                outputs.get(&r.id).and_then(|o| o.get(&r.output)).cloned()
+            })
+            .ok()
+            .map(|v| (k.clone(), v))
         })
         .collect();
     report.resource_outputs = outputs;
@@ -374,14 +387,19 @@ fn resolve_desired(
     change: &Change,
     outputs: &BTreeMap<ResourceId, BTreeMap<String, Value>>,
 ) -> Result<Option<Resource>, ProviderError> {
-    let Some(desired) = &change.desired else { return Ok(None) };
+    let Some(desired) = &change.desired else {
+        return Ok(None);
+    };
     let lookup = |r: &stack::Ref| outputs.get(&r.id).and_then(|o| o.get(&r.output)).cloned();
     let mut resolved = desired.clone();
     for (k, v) in &desired.props {
         let value = resolve_refs(v, &lookup).map_err(|r| {
             ProviderError::hard(
                 "resolve",
-                format!("{}.{k} refers to {r}, which has no value (its resource did not report it)", desired.id),
+                format!(
+                    "{}.{k} refers to {r}, which has no value (its resource did not report it)",
+                    desired.id
+                ),
             )
         })?;
         resolved.props.insert(k.clone(), value);
@@ -403,7 +421,9 @@ async fn with_retries<T>(
         *attempts += 1;
         match op(*attempts).await {
             Ok(v) => return Ok(v),
-            Err(e) if e.is_retryable() && *attempts < retry.max_attempts && !cancel.is_cancelled() => {
+            Err(e)
+                if e.is_retryable() && *attempts < retry.max_attempts && !cancel.is_cancelled() =>
+            {
                 let delay = retry.delay(*attempts);
                 progress.retrying(view, *attempts, &e, delay);
                 tokio::select! {
@@ -430,18 +450,31 @@ async fn run_step<P: Provider>(
     cancel: CancellationToken,
 ) -> (usize, Result<Option<Observed>, ProviderError>, u32) {
     let mut attempts = 0u32;
-    let at = |attempt: u32| StepCtx { attempt, ..ctx.clone() };
+    let at = |attempt: u32| StepCtx {
+        attempt,
+        ..ctx.clone()
+    };
     let result = match change.action {
         Action::Create => {
             let d = desired.expect("create has a desired resource");
-            with_retries(&retry, progress, &view, &cancel, &mut attempts, async |a| provider.create(&at(a), &d).await)
-                .await
-                .map(Some)
+            with_retries(&retry, progress, &view, &cancel, &mut attempts, async |a| {
+                provider.create(&at(a), &d).await
+            })
+            .await
+            .map(Some)
         }
         Action::Update => {
             let d = desired.expect("update has a desired resource");
-            let o = change.observed.as_ref().expect("update has an observed resource");
-            let changed: Vec<String> = change.fields.iter().filter(|f| !f.ignored).map(|f| f.name.clone()).collect();
+            let o = change
+                .observed
+                .as_ref()
+                .expect("update has an observed resource");
+            let changed: Vec<String> = change
+                .fields
+                .iter()
+                .filter(|f| !f.ignored)
+                .map(|f| f.name.clone())
+                .collect();
             with_retries(&retry, progress, &view, &cancel, &mut attempts, async |a| {
                 provider.update(&at(a), &d, o, &changed).await
             })
@@ -450,7 +483,10 @@ async fn run_step<P: Provider>(
         }
         Action::Replace => {
             let d = desired.expect("replace has a desired resource");
-            let o = change.observed.as_ref().expect("replace has an observed resource");
+            let o = change
+                .observed
+                .as_ref()
+                .expect("replace has an observed resource");
             let next = StepCtx {
                 generation: o.generation + 1,
                 ..ctx.clone()
@@ -466,29 +502,42 @@ async fn run_step<P: Provider>(
                 })
                 .await
                 {
-                    Ok(new) => with_retries(&retry, progress, &view, &cancel, &mut attempts, async |a| {
-                        provider.delete(&at(a), o).await
-                    })
-                    .await
-                    .map(|()| Some(new)),
+                    Ok(new) => {
+                        with_retries(&retry, progress, &view, &cancel, &mut attempts, async |a| {
+                            provider.delete(&at(a), o).await
+                        })
+                        .await
+                        .map(|()| Some(new))
+                    }
                     Err(e) => Err(e),
                 }
             } else {
-                match with_retries(&retry, progress, &view, &cancel, &mut attempts, async |a| provider.delete(&at(a), o).await).await {
-                    Ok(()) => with_retries(&retry, progress, &view, &cancel, &mut attempts, async |a| {
-                        provider.create(&next_at(a), &d).await
-                    })
-                    .await
-                    .map(Some),
+                match with_retries(&retry, progress, &view, &cancel, &mut attempts, async |a| {
+                    provider.delete(&at(a), o).await
+                })
+                .await
+                {
+                    Ok(()) => {
+                        with_retries(&retry, progress, &view, &cancel, &mut attempts, async |a| {
+                            provider.create(&next_at(a), &d).await
+                        })
+                        .await
+                        .map(Some)
+                    }
                     Err(e) => Err(e),
                 }
             }
         }
         Action::Delete => {
-            let o = change.observed.as_ref().expect("delete has an observed resource");
-            with_retries(&retry, progress, &view, &cancel, &mut attempts, async |a| provider.delete(&at(a), o).await)
-                .await
-                .map(|()| None)
+            let o = change
+                .observed
+                .as_ref()
+                .expect("delete has an observed resource");
+            with_retries(&retry, progress, &view, &cancel, &mut attempts, async |a| {
+                provider.delete(&at(a), o).await
+            })
+            .await
+            .map(|()| None)
         }
         Action::Unchanged | Action::IgnoredDrift | Action::Retain => Ok(None),
     };

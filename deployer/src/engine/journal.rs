@@ -96,10 +96,18 @@ pub struct StepRecord {
     /// Attempts made.
     pub attempts: u32,
     /// Start.
-    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub started_at: Option<OffsetDateTime>,
     /// End.
-    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub finished_at: Option<OffsetDateTime>,
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -125,7 +133,11 @@ pub struct JournalDoc {
     #[serde(with = "time::serde::rfc3339")]
     pub started_at: OffsetDateTime,
     /// End.
-    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub finished_at: Option<OffsetDateTime>,
     /// Outcome.
     pub status: ApplyStatus,
@@ -215,20 +227,30 @@ impl Journal {
 
     /// Record a step's start.
     pub async fn step_started(&self, id: &str, action: Action) {
-        self.doc.lock().expect("journal mutex").steps.push(StepRecord {
-            id: id.to_string(),
-            action,
-            status: StepStatus::Running,
-            attempts: 1,
-            started_at: Some(OffsetDateTime::now_utc()),
-            finished_at: None,
-            error: None,
-        });
+        self.doc
+            .lock()
+            .expect("journal mutex")
+            .steps
+            .push(StepRecord {
+                id: id.to_string(),
+                action,
+                status: StepStatus::Running,
+                attempts: 1,
+                started_at: Some(OffsetDateTime::now_utc()),
+                finished_at: None,
+                error: None,
+            });
         self.flush_throttled().await;
     }
 
     /// Record a step's outcome.
-    pub async fn step_finished(&self, id: &str, status: StepStatus, attempts: u32, error: Option<String>) {
+    pub async fn step_finished(
+        &self,
+        id: &str,
+        status: StepStatus,
+        attempts: u32,
+        error: Option<String>,
+    ) {
         {
             let mut doc = self.doc.lock().expect("journal mutex");
             if let Some(s) = doc
@@ -263,7 +285,11 @@ impl Journal {
     }
 
     /// Record the end and write.
-    pub async fn finish(&self, status: ApplyStatus, outputs: BTreeMap<String, Value>) -> Result<(), StoreError> {
+    pub async fn finish(
+        &self,
+        status: ApplyStatus,
+        outputs: BTreeMap<String, Value>,
+    ) -> Result<(), StoreError> {
         {
             let mut doc = self.doc.lock().expect("journal mutex");
             doc.status = status;
@@ -286,16 +312,22 @@ impl Journal {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        let body = serde_json::to_vec_pretty(&*self.doc.lock().expect("journal mutex")).expect("journal serializes");
+        let body = serde_json::to_vec_pretty(&*self.doc.lock().expect("journal mutex"))
+            .expect("journal serializes");
         *self.last_flush.lock().expect("journal mutex") = Instant::now();
-        self.store.put(&self.key, body, Condition::None).await.map(|_| ())
+        self.store
+            .put(&self.key, body, Condition::None)
+            .await
+            .map(|_| ())
     }
 }
 
 /// The most recent journal of the stage, if any.
 pub async fn latest(store: &dyn StateStore) -> Result<Option<JournalDoc>, StoreError> {
     let keys = store.list(PREFIX).await?;
-    let Some(key) = keys.last() else { return Ok(None) };
+    let Some(key) = keys.last() else {
+        return Ok(None);
+    };
     match store.get(key).await? {
         None => Ok(None),
         Some((body, _)) => serde_json::from_slice(&body)
@@ -305,7 +337,9 @@ pub async fn latest(store: &dyn StateStore) -> Result<Option<JournalDoc>, StoreE
 }
 
 async fn prune(store: &dyn StateStore) {
-    let Ok(keys) = store.list(PREFIX).await else { return };
+    let Ok(keys) = store.list(PREFIX).await else {
+        return;
+    };
     if keys.len() > KEEP {
         for key in &keys[..keys.len() - KEEP] {
             let _ = store.delete(key, Condition::None).await;

@@ -37,7 +37,15 @@ impl Holder {
         Holder {
             user: std::env::var("USER")
                 .or_else(|_| std::env::var("LOGNAME"))
-                .unwrap_or_else(|_| nix::unistd::getuid().to_string()),
+                .ok()
+                .filter(|u| !u.is_empty())
+                .or_else(|| {
+                    nix::unistd::User::from_uid(nix::unistd::getuid())
+                        .ok()
+                        .flatten()
+                        .map(|u| u.name)
+                })
+                .unwrap_or_else(|| nix::unistd::getuid().to_string()),
             host: nix::unistd::gethostname()
                 .ok()
                 .and_then(|h| h.into_string().ok())
@@ -86,12 +94,16 @@ impl LockInfo {
         if now >= self.expires_at {
             return true;
         }
-        self.holder.host == this_host && self.holder.pid != std::process::id() && !pid_alive(self.holder.pid)
+        self.holder.host == this_host
+            && self.holder.pid != std::process::id()
+            && !pid_alive(self.holder.pid)
     }
 }
 
 fn pid_alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else { return false };
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
     match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
         Ok(()) => true,
         Err(nix::errno::Errno::EPERM) => true,
@@ -173,7 +185,9 @@ pub async fn read(store: &dyn StateStore) -> Result<Option<(LockInfo, Etag)>, Lo
         None => Ok(None),
         Some((body, etag)) => serde_json::from_slice(&body)
             .map(|info| Some((info, etag)))
-            .map_err(|e| LockError::Corrupt(format!("{}/{LOCK_KEY}", store.location()), e.to_string())),
+            .map_err(|e| {
+                LockError::Corrupt(format!("{}/{LOCK_KEY}", store.location()), e.to_string())
+            }),
     }
 }
 
@@ -276,13 +290,19 @@ impl Lock {
         info.expires_at = self.clock.now() + self.lease;
         let etag = self.etag.lock().expect("lock mutex").clone();
         let body = serde_json::to_vec_pretty(&info).expect("lock serializes");
-        match self.store.put(LOCK_KEY, body, Condition::IfMatch(etag)).await {
+        match self
+            .store
+            .put(LOCK_KEY, body, Condition::IfMatch(etag))
+            .await
+        {
             Ok(new) => {
                 *self.etag.lock().expect("lock mutex") = new;
                 *self.info.lock().expect("lock mutex") = info;
                 Ok(())
             }
-            Err(StoreError::PreconditionFailed) => Err(LockError::Lost(format!("{}/{}", info.stack, info.stage))),
+            Err(StoreError::PreconditionFailed) => {
+                Err(LockError::Lost(format!("{}/{}", info.stack, info.stage)))
+            }
             Err(e) => Err(store_err(self.store.as_ref())(e)),
         }
     }
@@ -298,7 +318,11 @@ impl Lock {
 
     /// Renew the lease every third of its length until `stop` is cancelled; if
     /// the lock is lost, cancel `lost` so the apply stops scheduling work.
-    pub fn keep_alive(self: &Arc<Self>, stop: CancellationToken, lost: CancellationToken) -> tokio::task::JoinHandle<()> {
+    pub fn keep_alive(
+        self: &Arc<Self>,
+        stop: CancellationToken,
+        lost: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         let lock = Arc::clone(self);
         tokio::spawn(async move {
             let period = lock.lease / 3;
@@ -356,7 +380,9 @@ mod tests {
     async fn second_acquirer_is_refused_naming_the_holder() {
         let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let first = acquire(store.clone(), clock.clone(), req("dev", "alice"), |_| {}).await.unwrap();
+        let first = acquire(store.clone(), clock.clone(), req("dev", "alice"), |_| {})
+            .await
+            .unwrap();
         let err = acquire(store.clone(), clock.clone(), req("dev", "bob"), |_| {})
             .await
             .err()
@@ -365,37 +391,56 @@ mod tests {
         assert!(msg.contains("alice@host-a"), "{msg}");
         assert!(msg.contains("boxctl deploy"), "{msg}");
         first.release().await.unwrap();
-        acquire(store, clock, req("dev", "bob"), |_| {}).await.unwrap();
+        acquire(store, clock, req("dev", "bob"), |_| {})
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
     async fn an_expired_lease_is_taken_over_and_the_old_holder_learns_it_lost() {
         let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
         let clock = Arc::new(ManualClock(Mutex::new(OffsetDateTime::now_utc())));
-        let first = acquire(store.clone(), clock.clone(), req("dev", "alice"), |_| {}).await.unwrap();
+        let first = acquire(store.clone(), clock.clone(), req("dev", "alice"), |_| {})
+            .await
+            .unwrap();
         // Within the lease: refused.
         *clock.0.lock().unwrap() += Duration::from_secs(59);
-        assert!(acquire(store.clone(), clock.clone(), req("dev", "bob"), |_| {}).await.is_err());
+        assert!(
+            acquire(store.clone(), clock.clone(), req("dev", "bob"), |_| {})
+                .await
+                .is_err()
+        );
         // Past it: taken over.
         *clock.0.lock().unwrap() += Duration::from_secs(2);
-        let second = acquire(store.clone(), clock.clone(), req("dev", "bob"), |_| {}).await.unwrap();
+        let second = acquire(store.clone(), clock.clone(), req("dev", "bob"), |_| {})
+            .await
+            .unwrap();
         assert_eq!(second.info().holder.user, "bob");
         assert!(matches!(first.renew().await, Err(LockError::Lost(_))));
         // The loser's release leaves the new holder's lock in place.
         first.release().await.unwrap();
-        assert_eq!(read(store.as_ref()).await.unwrap().unwrap().0.holder.user, "bob");
+        assert_eq!(
+            read(store.as_ref()).await.unwrap().unwrap().0.holder.user,
+            "bob"
+        );
     }
 
     #[tokio::test]
     async fn renewal_extends_the_lease() {
         let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
         let clock = Arc::new(ManualClock(Mutex::new(OffsetDateTime::now_utc())));
-        let lock = acquire(store.clone(), clock.clone(), req("dev", "alice"), |_| {}).await.unwrap();
+        let lock = acquire(store.clone(), clock.clone(), req("dev", "alice"), |_| {})
+            .await
+            .unwrap();
         *clock.0.lock().unwrap() += Duration::from_secs(50);
         lock.renew().await.unwrap();
         *clock.0.lock().unwrap() += Duration::from_secs(50);
         // 100 s after acquiring, but only 50 s after renewal: still held.
-        assert!(acquire(store.clone(), clock.clone(), req("dev", "bob"), |_| {}).await.is_err());
+        assert!(
+            acquire(store.clone(), clock.clone(), req("dev", "bob"), |_| {})
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test]
@@ -406,7 +451,9 @@ mod tests {
         r.holder.host = Holder::current("x").host;
         // A pid that cannot exist.
         r.holder.pid = 0x3fff_fff0;
-        acquire(store.clone(), clock.clone(), r, |_| {}).await.unwrap();
+        acquire(store.clone(), clock.clone(), r, |_| {})
+            .await
+            .unwrap();
         let mut r2 = req("dev", "bob");
         r2.holder.host = Holder::current("x").host;
         acquire(store, clock, r2, |_| {}).await.unwrap();
@@ -416,7 +463,11 @@ mod tests {
     async fn waiting_acquirer_gets_the_lock_when_it_is_released() {
         let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let first = Arc::new(acquire(store.clone(), clock.clone(), req("dev", "alice"), |_| {}).await.unwrap());
+        let first = Arc::new(
+            acquire(store.clone(), clock.clone(), req("dev", "alice"), |_| {})
+                .await
+                .unwrap(),
+        );
         let f2 = first.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -425,7 +476,11 @@ mod tests {
         let mut r = req("dev", "bob");
         r.wait = Duration::from_secs(30);
         let mut waited_for = None;
-        let second = acquire(store, clock, r, |i| waited_for = Some(i.holder.user.clone())).await.unwrap();
+        let second = acquire(store, clock, r, |i| {
+            waited_for = Some(i.holder.user.clone())
+        })
+        .await
+        .unwrap();
         assert_eq!(waited_for.as_deref(), Some("alice"));
         assert_eq!(second.info().holder.user, "bob");
     }

@@ -36,7 +36,10 @@ impl Action {
 
     /// True for actions that change the world.
     pub fn changes_world(self) -> bool {
-        matches!(self, Action::Create | Action::Update | Action::Replace | Action::Delete)
+        matches!(
+            self,
+            Action::Create | Action::Update | Action::Replace | Action::Delete
+        )
     }
 }
 
@@ -165,14 +168,22 @@ impl Plan {
 /// Compare desired and observed.
 pub fn plan(graph: &DesiredGraph, inventory: &Inventory, kinds: &[KindSpec], mode: Mode) -> Plan {
     let spec = |kind: &str| kinds.iter().find(|k| k.kind == kind);
-    let outputs = |r: &stack::Ref| inventory.resources.get(&r.id).and_then(|o| o.outputs.get(&r.output)).cloned();
+    let outputs = |r: &stack::Ref| {
+        inventory
+            .resources
+            .get(&r.id)
+            .and_then(|o| o.outputs.get(&r.output))
+            .cloned()
+    };
     let mut changes = Vec::new();
     let mut errors = Vec::new();
     let stage = graph.stage.as_str();
 
     // Resources that will be (re)created: references to them are unknown until apply.
     let mut fresh: BTreeSet<ResourceId> = BTreeSet::new();
-    let order = graph.topological_order().unwrap_or_else(|_| graph.resources.keys().collect());
+    let order = graph
+        .topological_order()
+        .unwrap_or_else(|_| graph.resources.keys().collect());
 
     if mode == Mode::Deploy {
         for id in order {
@@ -244,14 +255,21 @@ pub fn plan(graph: &DesiredGraph, inventory: &Inventory, kinds: &[KindSpec], mod
             if action == Action::Replace {
                 fresh.insert(id.clone());
                 if desired.policy.protect || observed.policy.protect {
-                    let why: Vec<&str> = acted.iter().filter(|f| f.forces_replace).map(|f| f.name.as_str()).collect();
+                    let why: Vec<&str> = acted
+                        .iter()
+                        .filter(|f| f.forces_replace)
+                        .map(|f| f.name.as_str())
+                        .collect();
                     errors.push(PlanError {
                         id: id.clone(),
                         message: format!(
                             "{id} is protected and would be replaced (changed: {})",
                             why.join(", ")
                         ),
-                        hint: format!("revert the change, or retire it with `{}` first", retire_command(id, stage)),
+                        hint: format!(
+                            "revert the change, or retire it with `{}` first",
+                            retire_command(id, stage)
+                        ),
                     });
                 }
             }
@@ -278,15 +296,23 @@ pub fn plan(graph: &DesiredGraph, inventory: &Inventory, kinds: &[KindSpec], mod
     for o in orphans {
         let policy = merged_policy(graph.resources.get(&o.id).map(|r| &r.policy), &o.policy);
         let (action, reason) = match mode {
-            Mode::Destroy if policy.retain => (Action::Retain, Some("retained by policy".to_string())),
+            Mode::Destroy if policy.retain => {
+                (Action::Retain, Some("retained by policy".to_string()))
+            }
             Mode::Destroy => (Action::Delete, Some("stage destroyed".to_string())),
             Mode::Deploy => (Action::Delete, Some("no longer declared".to_string())),
         };
         if mode == Mode::Deploy && policy.protect {
             errors.push(PlanError {
                 id: o.id.clone(),
-                message: format!("{} is protected and is no longer declared, so deploy would delete it", o.id),
-                hint: format!("retire it with `{}`, or declare it again", retire_command(&o.id, stage)),
+                message: format!(
+                    "{} is protected and is no longer declared, so deploy would delete it",
+                    o.id
+                ),
+                hint: format!(
+                    "retire it with `{}`, or declare it again",
+                    retire_command(&o.id, stage)
+                ),
             });
         }
         changes.push(Change {
@@ -328,7 +354,11 @@ pub fn plan(graph: &DesiredGraph, inventory: &Inventory, kinds: &[KindSpec], mod
             Action::Retain => summary.retain += 1,
         }
     }
-    let deps = graph.resources.values().map(|r| (r.id.clone(), r.all_deps())).collect();
+    let deps = graph
+        .resources
+        .values()
+        .map(|r| (r.id.clone(), r.all_deps()))
+        .collect();
     Plan {
         stack: graph.stack.clone(),
         stage: graph.stage.clone(),
@@ -398,10 +428,18 @@ fn resolve_for_plan(
 
 /// Replace every reference by its output, from the given lookup; `Err` names the
 /// first reference that has no value.
-pub fn resolve_refs(v: &Value, lookup: &impl Fn(&stack::Ref) -> Option<Value>) -> Result<Value, stack::Ref> {
+pub fn resolve_refs(
+    v: &Value,
+    lookup: &impl Fn(&stack::Ref) -> Option<Value>,
+) -> Result<Value, stack::Ref> {
     Ok(match v {
         Value::Ref(r) => lookup(r).ok_or_else(|| r.clone())?,
-        Value::List(items) => Value::List(items.iter().map(|i| resolve_refs(i, lookup)).collect::<Result<_, _>>()?),
+        Value::List(items) => Value::List(
+            items
+                .iter()
+                .map(|i| resolve_refs(i, lookup))
+                .collect::<Result<_, _>>()?,
+        ),
         Value::Map(m) => Value::Map(
             m.iter()
                 .map(|(k, i)| Ok((k.clone(), resolve_refs(i, lookup)?)))

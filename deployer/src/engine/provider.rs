@@ -188,7 +188,10 @@ pub trait Provider: Sync {
 
     /// Fill in desired properties only the provider can compute (e.g. the
     /// digest of a binary on disk). Called once before observing.
-    fn prepare(&self, _graph: &mut DesiredGraph) -> impl Future<Output = Result<(), ProviderError>> {
+    fn prepare(
+        &self,
+        _graph: &mut DesiredGraph,
+    ) -> impl Future<Output = Result<(), ProviderError>> {
         async { Ok(()) }
     }
 
@@ -196,7 +199,11 @@ pub trait Provider: Sync {
     fn observe(&self) -> impl Future<Output = Result<Inventory, ProviderError>>;
 
     /// Create a resource; its references are already resolved.
-    fn create(&self, ctx: &StepCtx, desired: &Resource) -> impl Future<Output = Result<Observed, ProviderError>>;
+    fn create(
+        &self,
+        ctx: &StepCtx,
+        desired: &Resource,
+    ) -> impl Future<Output = Result<Observed, ProviderError>>;
 
     /// Change a resource in place; `changed` names the properties that differ.
     fn update(
@@ -208,7 +215,11 @@ pub trait Provider: Sync {
     ) -> impl Future<Output = Result<Observed, ProviderError>>;
 
     /// Remove a resource. Removing one that is already gone succeeds.
-    fn delete(&self, ctx: &StepCtx, current: &Observed) -> impl Future<Output = Result<(), ProviderError>>;
+    fn delete(
+        &self,
+        ctx: &StepCtx,
+        current: &Observed,
+    ) -> impl Future<Output = Result<(), ProviderError>>;
 
     /// The spec of a kind, if this provider handles it.
     fn kind_spec(&self, kind: &str) -> Option<&KindSpec> {

@@ -42,12 +42,21 @@ pub trait StateStore: Send + Sync {
     /// Where it is, for messages (`/var/lib/...`, `s3://bucket/prefix`).
     fn location(&self) -> String;
     /// An object and its version.
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<(Vec<u8>, Etag)>, StoreError>>;
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<(Vec<u8>, Etag)>, StoreError>>;
     /// Write an object if the condition holds; the new version.
-    fn put<'a>(&'a self, key: &'a str, body: Vec<u8>, cond: Condition) -> BoxFuture<'a, Result<Etag, StoreError>>;
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        body: Vec<u8>,
+        cond: Condition,
+    ) -> BoxFuture<'a, Result<Etag, StoreError>>;
     /// Delete an object if it is at this version (or unconditionally); deleting
     /// a missing object succeeds when unconditional.
-    fn delete<'a>(&'a self, key: &'a str, cond: Condition) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn delete<'a>(&'a self, key: &'a str, cond: Condition)
+    -> BoxFuture<'a, Result<(), StoreError>>;
     /// Keys under a prefix, sorted.
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, StoreError>>;
 }
@@ -69,7 +78,11 @@ impl LocalStore {
     }
 
     fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
-        if key.is_empty() || key.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+        if key.is_empty()
+            || key
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == "..")
+        {
             return Err(StoreError::Other(format!("invalid store key {key:?}")));
         }
         Ok(self.dir.join(key))
@@ -129,7 +142,10 @@ impl StateStore for LocalStore {
         self.dir.display().to_string()
     }
 
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<(Vec<u8>, Etag)>, StoreError>> {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<(Vec<u8>, Etag)>, StoreError>> {
         Box::pin(async move {
             let path = self.path(key)?;
             Ok(Self::read(&path)?.map(|b| {
@@ -139,7 +155,12 @@ impl StateStore for LocalStore {
         })
     }
 
-    fn put<'a>(&'a self, key: &'a str, body: Vec<u8>, cond: Condition) -> BoxFuture<'a, Result<Etag, StoreError>> {
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        body: Vec<u8>,
+        cond: Condition,
+    ) -> BoxFuture<'a, Result<Etag, StoreError>> {
         Box::pin(async move {
             let path = self.path(key)?;
             self.locked(|| {
@@ -147,27 +168,37 @@ impl StateStore for LocalStore {
                 match (&cond, &current) {
                     (Condition::IfAbsent, Some(_)) => return Err(StoreError::PreconditionFailed),
                     (Condition::IfMatch(_), None) => return Err(StoreError::PreconditionFailed),
-                    (Condition::IfMatch(e), Some(b)) if &etag_of(b) != e => return Err(StoreError::PreconditionFailed),
+                    (Condition::IfMatch(e), Some(b)) if &etag_of(b) != e => {
+                        return Err(StoreError::PreconditionFailed);
+                    }
                     _ => {}
                 }
-                write_atomic(&path, &body, 0o600).map_err(|e| StoreError::Other(format!("write {}: {e}", path.display())))?;
+                write_atomic(&path, &body, 0o600)
+                    .map_err(|e| StoreError::Other(format!("write {}: {e}", path.display())))?;
                 Ok(etag_of(&body))
             })
         })
     }
 
-    fn delete<'a>(&'a self, key: &'a str, cond: Condition) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn delete<'a>(
+        &'a self,
+        key: &'a str,
+        cond: Condition,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let path = self.path(key)?;
             self.locked(|| {
                 let current = Self::read(&path)?;
                 match (&cond, &current) {
                     (Condition::IfMatch(_), None) => return Err(StoreError::PreconditionFailed),
-                    (Condition::IfMatch(e), Some(b)) if &etag_of(b) != e => return Err(StoreError::PreconditionFailed),
+                    (Condition::IfMatch(e), Some(b)) if &etag_of(b) != e => {
+                        return Err(StoreError::PreconditionFailed);
+                    }
                     (_, None) => return Ok(()),
                     _ => {}
                 }
-                fs::remove_file(&path).map_err(|e| StoreError::Other(format!("remove {}: {e}", path.display())))
+                fs::remove_file(&path)
+                    .map_err(|e| StoreError::Other(format!("remove {}: {e}", path.display())))
             })
         })
     }
@@ -180,7 +211,9 @@ impl StateStore for LocalStore {
                 let entries = match fs::read_dir(&dir) {
                     Ok(e) => e,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(StoreError::Other(format!("list {}: {e}", dir.display()))),
+                    Err(e) => {
+                        return Err(StoreError::Other(format!("list {}: {e}", dir.display())));
+                    }
                 };
                 for entry in entries.flatten() {
                     let p = entry.path();
@@ -216,7 +249,10 @@ impl StateStore for MemoryStore {
         "memory".into()
     }
 
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<(Vec<u8>, Etag)>, StoreError>> {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<(Vec<u8>, Etag)>, StoreError>> {
         let v = self.objects.lock().expect("store mutex").get(key).cloned();
         Box::pin(async move {
             Ok(v.map(|b| {
@@ -226,11 +262,20 @@ impl StateStore for MemoryStore {
         })
     }
 
-    fn put<'a>(&'a self, key: &'a str, body: Vec<u8>, cond: Condition) -> BoxFuture<'a, Result<Etag, StoreError>> {
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        body: Vec<u8>,
+        cond: Condition,
+    ) -> BoxFuture<'a, Result<Etag, StoreError>> {
         let mut objects = self.objects.lock().expect("store mutex");
         let result = match (&cond, objects.get(key)) {
-            (Condition::IfAbsent, Some(_)) | (Condition::IfMatch(_), None) => Err(StoreError::PreconditionFailed),
-            (Condition::IfMatch(e), Some(b)) if &etag_of(b) != e => Err(StoreError::PreconditionFailed),
+            (Condition::IfAbsent, Some(_)) | (Condition::IfMatch(_), None) => {
+                Err(StoreError::PreconditionFailed)
+            }
+            (Condition::IfMatch(e), Some(b)) if &etag_of(b) != e => {
+                Err(StoreError::PreconditionFailed)
+            }
             _ => {
                 let e = etag_of(&body);
                 objects.insert(key.to_string(), body);
@@ -240,11 +285,17 @@ impl StateStore for MemoryStore {
         Box::pin(async move { result })
     }
 
-    fn delete<'a>(&'a self, key: &'a str, cond: Condition) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn delete<'a>(
+        &'a self,
+        key: &'a str,
+        cond: Condition,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         let mut objects = self.objects.lock().expect("store mutex");
         let result = match (&cond, objects.get(key)) {
             (Condition::IfMatch(_), None) => Err(StoreError::PreconditionFailed),
-            (Condition::IfMatch(e), Some(b)) if &etag_of(b) != e => Err(StoreError::PreconditionFailed),
+            (Condition::IfMatch(e), Some(b)) if &etag_of(b) != e => {
+                Err(StoreError::PreconditionFailed)
+            }
             _ => {
                 objects.remove(key);
                 Ok(())
@@ -272,27 +323,55 @@ mod tests {
 
     async fn contract(store: &dyn StateStore) {
         assert_eq!(store.get("lock.json").await.unwrap(), None);
-        let e1 = store.put("lock.json", b"a".to_vec(), Condition::IfAbsent).await.unwrap();
+        let e1 = store
+            .put("lock.json", b"a".to_vec(), Condition::IfAbsent)
+            .await
+            .unwrap();
         assert_eq!(
-            store.put("lock.json", b"b".to_vec(), Condition::IfAbsent).await,
+            store
+                .put("lock.json", b"b".to_vec(), Condition::IfAbsent)
+                .await,
             Err(StoreError::PreconditionFailed)
         );
-        let e2 = store.put("lock.json", b"b".to_vec(), Condition::IfMatch(e1.clone())).await.unwrap();
+        let e2 = store
+            .put("lock.json", b"b".to_vec(), Condition::IfMatch(e1.clone()))
+            .await
+            .unwrap();
         assert_eq!(
-            store.put("lock.json", b"c".to_vec(), Condition::IfMatch(e1.clone())).await,
+            store
+                .put("lock.json", b"c".to_vec(), Condition::IfMatch(e1.clone()))
+                .await,
             Err(StoreError::PreconditionFailed)
         );
-        assert_eq!(store.get("lock.json").await.unwrap(), Some((b"b".to_vec(), e2.clone())));
+        assert_eq!(
+            store.get("lock.json").await.unwrap(),
+            Some((b"b".to_vec(), e2.clone()))
+        );
         assert_eq!(
             store.delete("lock.json", Condition::IfMatch(e1)).await,
             Err(StoreError::PreconditionFailed)
         );
-        store.delete("lock.json", Condition::IfMatch(e2)).await.unwrap();
+        store
+            .delete("lock.json", Condition::IfMatch(e2))
+            .await
+            .unwrap();
         assert_eq!(store.get("lock.json").await.unwrap(), None);
-        store.put("journal/2", b"x".to_vec(), Condition::None).await.unwrap();
-        store.put("journal/1", b"x".to_vec(), Condition::None).await.unwrap();
-        store.put("other", b"x".to_vec(), Condition::None).await.unwrap();
-        assert_eq!(store.list("journal/").await.unwrap(), ["journal/1", "journal/2"]);
+        store
+            .put("journal/2", b"x".to_vec(), Condition::None)
+            .await
+            .unwrap();
+        store
+            .put("journal/1", b"x".to_vec(), Condition::None)
+            .await
+            .unwrap();
+        store
+            .put("other", b"x".to_vec(), Condition::None)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.list("journal/").await.unwrap(),
+            ["journal/1", "journal/2"]
+        );
     }
 
     #[tokio::test]

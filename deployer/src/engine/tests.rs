@@ -15,7 +15,9 @@ use super::apply::{ApplyOptions, Quiet, RetryPolicy, apply};
 use super::journal::{ApplyStatus, Journal, StepStatus};
 use super::lock::Holder;
 use super::plan::{Action, Mode, plan};
-use super::provider::{ErrorClass, Inventory, KindSpec, Observed, Provider, ProviderError, StepCtx};
+use super::provider::{
+    ErrorClass, Inventory, KindSpec, Observed, Provider, ProviderError, StepCtx,
+};
 use super::store::{MemoryStore, StateStore};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -76,7 +78,14 @@ impl Mem {
         self.0.calls.lock().unwrap().push(format!("{what} {id}"));
         let now = self.0.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.0.max_running.fetch_max(now, Ordering::SeqCst);
-        let delay = self.0.slow.lock().unwrap().get(id.as_str()).copied().unwrap_or(*self.0.delay.lock().unwrap());
+        let delay = self
+            .0
+            .slow
+            .lock()
+            .unwrap()
+            .get(id.as_str())
+            .copied()
+            .unwrap_or(*self.0.delay.lock().unwrap());
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -107,7 +116,8 @@ impl Mem {
 
     fn observed(t: &Thing) -> Observed {
         let mut o = Observed::new(t.id.clone(), &t.kind, t.props.clone());
-        o.outputs.insert("uid".into(), Value::str(format!("u-{}", t.uid)));
+        o.outputs
+            .insert("uid".into(), Value::str(format!("u-{}", t.uid)));
         o.policy = t.policy.clone();
         o.generation = t.generation;
         o.handle = Some(format!("u-{}", t.uid));
@@ -130,7 +140,10 @@ impl Provider for Mem {
 
     async fn create(&self, ctx: &StepCtx, d: &Resource) -> Result<Observed, ProviderError> {
         self.enter("create", &d.id).await?;
-        assert!(d.props.values().all(Value::is_resolved), "references are resolved before create");
+        assert!(
+            d.props.values().all(Value::is_resolved),
+            "references are resolved before create"
+        );
         let uid = self.0.next_uid.fetch_add(1, Ordering::SeqCst) as u64 + 1;
         let t = Thing {
             uid,
@@ -145,7 +158,13 @@ impl Provider for Mem {
         Ok(Self::observed(&t))
     }
 
-    async fn update(&self, _ctx: &StepCtx, d: &Resource, cur: &Observed, _changed: &[String]) -> Result<Observed, ProviderError> {
+    async fn update(
+        &self,
+        _ctx: &StepCtx,
+        d: &Resource,
+        cur: &Observed,
+        _changed: &[String],
+    ) -> Result<Observed, ProviderError> {
         self.enter("update", &d.id).await?;
         let updated = {
             let mut things = self.0.things.lock().unwrap();
@@ -220,12 +239,26 @@ fn opts(parallelism: usize) -> ApplyOptions {
     }
 }
 
-async fn deploy(world: &Arc<World>, g: &DesiredGraph, parallelism: usize) -> super::apply::ApplyReport {
+async fn deploy(
+    world: &Arc<World>,
+    g: &DesiredGraph,
+    parallelism: usize,
+) -> super::apply::ApplyReport {
     let p = Mem(world.clone());
     let inv = p.observe().await.unwrap();
     let pl = plan(g, &inv, KINDS, Mode::Deploy);
     assert!(pl.errors.is_empty(), "{:?}", pl.errors);
-    apply(&p, g, &pl, &inv, None, &opts(parallelism), &Quiet, &CancellationToken::new()).await
+    apply(
+        &p,
+        g,
+        &pl,
+        &inv,
+        None,
+        &opts(parallelism),
+        &Quiet,
+        &CancellationToken::new(),
+    )
+    .await
 }
 
 /// The world holds exactly the graph: one thing per id, same kind and props
@@ -236,7 +269,12 @@ fn assert_converged(world: &World, g: &DesiredGraph) {
     ids.sort_unstable();
     let expected: Vec<&str> = g.resources.keys().map(ResourceId::as_str).collect();
     assert_eq!(ids, expected, "exactly the declared resources, none twice");
-    let uid_of = |id: &str| things.iter().find(|t| t.id.as_str() == id).map(|t| format!("u-{}", t.uid));
+    let uid_of = |id: &str| {
+        things
+            .iter()
+            .find(|t| t.id.as_str() == id)
+            .map(|t| format!("u-{}", t.uid))
+    };
     for t in &things {
         let d = &g.resources[&t.id];
         assert_eq!(t.kind, d.kind);
@@ -258,13 +296,19 @@ async fn plan_classifies_every_resource_with_field_level_reasons() {
 
     let mut changed = g.clone();
     let set = |g: &mut DesiredGraph, id: &str, k: &str, v: &str| {
-        g.resources.get_mut(&ResourceId::from(id)).unwrap().props.insert(k.into(), Value::str(v));
+        g.resources
+            .get_mut(&ResourceId::from(id))
+            .unwrap()
+            .props
+            .insert(k.into(), Value::str(v));
     };
     set(&mut changed, "host/a", "size", "large"); // in place
     set(&mut changed, "host/b", "zone", "c"); // forces replacement
     set(&mut changed, "runner/runner-1", "ami", "ami-2"); // ignored drift
     changed.resources.remove(&ResourceId::from("app/a"));
-    changed.add(Resource::new("app/c", "mem.app").prop("host", Value::reference("host/b", "uid"))).unwrap();
+    changed
+        .add(Resource::new("app/c", "mem.app").prop("host", Value::reference("host/b", "uid")))
+        .unwrap();
 
     let inv = Mem(world.clone()).observe().await.unwrap();
     let p = plan(&changed, &inv, KINDS, Mode::Deploy);
@@ -274,7 +318,12 @@ async fn plan_classifies_every_resource_with_field_level_reasons() {
     assert_eq!(action("host/a").fields[0].old, Some(Value::str("small")));
     assert_eq!(action("host/a").fields[0].new, Some(Value::str("large")));
     assert_eq!(action("host/b").action, Action::Replace);
-    assert!(action("host/b").fields.iter().any(|f| f.name == "zone" && f.forces_replace));
+    assert!(
+        action("host/b")
+            .fields
+            .iter()
+            .any(|f| f.name == "zone" && f.forces_replace)
+    );
     // app/b points at host/b, which is replaced: its reference is unknown until apply.
     assert_eq!(action("app/b").action, Action::Update);
     assert!(action("app/b").fields[0].known_after_apply);
@@ -284,15 +333,39 @@ async fn plan_classifies_every_resource_with_field_level_reasons() {
     assert_eq!(action("app/c").action, Action::Create);
     assert_eq!(action("net/main").action, Action::Unchanged);
     assert_eq!(
-        (p.summary.create, p.summary.update, p.summary.replace, p.summary.delete, p.summary.unchanged, p.summary.ignored_drift),
+        (
+            p.summary.create,
+            p.summary.update,
+            p.summary.replace,
+            p.summary.delete,
+            p.summary.unchanged,
+            p.summary.ignored_drift
+        ),
         (1, 2, 1, 1, 1, 1)
     );
     assert!(p.errors.is_empty());
 
-    let report = apply(&Mem(world.clone()), &changed, &p, &inv, None, &opts(4), &Quiet, &CancellationToken::new()).await;
+    let report = apply(
+        &Mem(world.clone()),
+        &changed,
+        &p,
+        &inv,
+        None,
+        &opts(4),
+        &Quiet,
+        &CancellationToken::new(),
+    )
+    .await;
     assert_eq!(report.status, ApplyStatus::Succeeded, "{:?}", report.failed);
     // The ignored drift was not acted on: the runner keeps its old AMI.
-    let runner = world.things.lock().unwrap().iter().find(|t| t.id.as_str() == "runner/runner-1").cloned().unwrap();
+    let runner = world
+        .things
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|t| t.id.as_str() == "runner/runner-1")
+        .cloned()
+        .unwrap();
     assert_eq!(runner.props["ami"], Value::str("ami-1"));
     world.things.lock().unwrap().iter_mut().for_each(|t| {
         if t.id.as_str() == "runner/runner-1" {
@@ -300,8 +373,17 @@ async fn plan_classifies_every_resource_with_field_level_reasons() {
         }
     });
     assert_converged(&world, &changed);
-    let again = plan(&changed, &Mem(world.clone()).observe().await.unwrap(), KINDS, Mode::Deploy);
-    assert!(!again.has_changes(), "a second plan is empty: {:?}", again.summary);
+    let again = plan(
+        &changed,
+        &Mem(world.clone()).observe().await.unwrap(),
+        KINDS,
+        Mode::Deploy,
+    );
+    assert!(
+        !again.has_changes(),
+        "a second plan is empty: {:?}",
+        again.summary
+    );
 }
 
 #[tokio::test]
@@ -320,15 +402,33 @@ async fn protected_resources_are_never_replaced_or_deleted_by_deploy() {
         .insert("zone".into(), Value::str("b"));
     let p = plan(&replace, &inv, KINDS, Mode::Deploy);
     assert_eq!(p.errors.len(), 1);
-    assert!(p.errors[0].message.contains("runner/runner-1 is protected and would be replaced"), "{}", p.errors[0].message);
-    assert!(p.errors[0].hint.contains("boxctl decommission runner-1 --stage dev"), "{}", p.errors[0].hint);
+    assert!(
+        p.errors[0]
+            .message
+            .contains("runner/runner-1 is protected and would be replaced"),
+        "{}",
+        p.errors[0].message
+    );
+    assert!(
+        p.errors[0]
+            .hint
+            .contains("boxctl decommission runner-1 --stage dev"),
+        "{}",
+        p.errors[0].hint
+    );
 
     // Protection is read from the world too: removing the declaration does not lift it.
     let mut removed = g.clone();
-    removed.resources.remove(&ResourceId::from("runner/runner-1"));
+    removed
+        .resources
+        .remove(&ResourceId::from("runner/runner-1"));
     let p = plan(&removed, &inv, KINDS, Mode::Deploy);
     assert_eq!(p.errors.len(), 1);
-    assert!(p.errors[0].message.contains("no longer declared"), "{}", p.errors[0].message);
+    assert!(
+        p.errors[0].message.contains("no longer declared"),
+        "{}",
+        p.errors[0].message
+    );
     assert!(p.errors[0].hint.contains("boxctl decommission runner-1"));
 }
 
@@ -336,21 +436,51 @@ async fn protected_resources_are_never_replaced_or_deleted_by_deploy() {
 async fn destroy_deletes_dependents_first_and_keeps_retained_resources() {
     let world = Arc::new(World::default());
     let mut g = stage();
-    g.resources.get_mut(&ResourceId::from("net/main")).unwrap().policy.retain = true;
+    g.resources
+        .get_mut(&ResourceId::from("net/main"))
+        .unwrap()
+        .policy
+        .retain = true;
     deploy(&world, &g, 10).await;
     let p_ = Mem(world.clone());
     let inv = p_.observe().await.unwrap();
     let p = plan(&g, &inv, KINDS, Mode::Destroy);
-    let retained: Vec<&str> = p.changes.iter().filter(|c| c.action == Action::Retain).map(|c| c.id.as_str()).collect();
+    let retained: Vec<&str> = p
+        .changes
+        .iter()
+        .filter(|c| c.action == Action::Retain)
+        .map(|c| c.id.as_str())
+        .collect();
     assert_eq!(retained, ["net/main"]);
     world.calls.lock().unwrap().clear();
-    let report = apply(&p_, &g, &p, &inv, None, &opts(10), &Quiet, &CancellationToken::new()).await;
+    let report = apply(
+        &p_,
+        &g,
+        &p,
+        &inv,
+        None,
+        &opts(10),
+        &Quiet,
+        &CancellationToken::new(),
+    )
+    .await;
     assert_eq!(report.status, ApplyStatus::Succeeded);
     let calls = world.calls.lock().unwrap().clone();
-    let pos = |c: &str| calls.iter().position(|x| x == c).unwrap_or_else(|| panic!("{c} in {calls:?}"));
+    let pos = |c: &str| {
+        calls
+            .iter()
+            .position(|x| x == c)
+            .unwrap_or_else(|| panic!("{c} in {calls:?}"))
+    };
     assert!(pos("delete app/a") < pos("delete host/a"));
     assert!(pos("delete app/b") < pos("delete host/b"));
-    let left: Vec<String> = world.things.lock().unwrap().iter().map(|t| t.id.to_string()).collect();
+    let left: Vec<String> = world
+        .things
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|t| t.id.to_string())
+        .collect();
     assert_eq!(left, ["net/main"]);
 }
 
@@ -374,28 +504,66 @@ async fn parallelism_is_bounded_and_used() {
     for parallelism in [1, 4, 10] {
         let world = Arc::new(World::default());
         *world.delay.lock().unwrap() = Duration::from_millis(50);
-        let g = graph((0..40).map(|i| Resource::new(format!("app/{i}"), "mem.app").prop("n", i as i64)).collect());
+        let g = graph(
+            (0..40)
+                .map(|i| Resource::new(format!("app/{i}"), "mem.app").prop("n", i as i64))
+                .collect(),
+        );
         let t0 = tokio::time::Instant::now();
-        assert_eq!(deploy(&world, &g, parallelism).await.status, ApplyStatus::Succeeded);
+        assert_eq!(
+            deploy(&world, &g, parallelism).await.status,
+            ApplyStatus::Succeeded
+        );
         assert_eq!(world.max_running.load(Ordering::SeqCst), parallelism);
         // Paused time advances only by the sleeps: 40 steps of 50 ms in waves.
-        assert_eq!(t0.elapsed(), Duration::from_millis(50) * (40usize.div_ceil(parallelism) as u32));
+        assert_eq!(
+            t0.elapsed(),
+            Duration::from_millis(50) * (40usize.div_ceil(parallelism) as u32)
+        );
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn retryable_errors_are_retried_until_success() {
     let world = Arc::new(World::default());
-    world.failures.lock().unwrap().insert("host/a".into(), (3, ErrorClass::Retryable));
+    world
+        .failures
+        .lock()
+        .unwrap()
+        .insert("host/a".into(), (3, ErrorClass::Retryable));
     let g = stage();
     let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
     let p = Mem(world.clone());
     let inv = p.observe().await.unwrap();
     let pl = plan(&g, &inv, KINDS, Mode::Deploy);
-    let journal = Journal::start(store.clone(), &pl, "deploy", Holder::current("boxctl deploy"), vec![]).await.unwrap();
-    let report = apply(&p, &g, &pl, &inv, Some(&journal), &opts(10), &Quiet, &CancellationToken::new()).await;
+    let journal = Journal::start(
+        store.clone(),
+        &pl,
+        "deploy",
+        Holder::current("boxctl deploy"),
+        vec![],
+    )
+    .await
+    .unwrap();
+    let report = apply(
+        &p,
+        &g,
+        &pl,
+        &inv,
+        Some(&journal),
+        &opts(10),
+        &Quiet,
+        &CancellationToken::new(),
+    )
+    .await;
     assert_eq!(report.status, ApplyStatus::Succeeded);
-    let calls = world.calls.lock().unwrap().iter().filter(|c| *c == "create host/a").count();
+    let calls = world
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| *c == "create host/a")
+        .count();
     assert_eq!(calls, 4);
     let doc = journal.snapshot();
     let step = doc.steps.iter().find(|s| s.id == "host/a").unwrap();
@@ -406,10 +574,23 @@ async fn retryable_errors_are_retried_until_success() {
 #[tokio::test(start_paused = true)]
 async fn retries_give_up_after_the_last_attempt() {
     let world = Arc::new(World::default());
-    world.failures.lock().unwrap().insert("net/main".into(), (99, ErrorClass::Retryable));
+    world
+        .failures
+        .lock()
+        .unwrap()
+        .insert("net/main".into(), (99, ErrorClass::Retryable));
     let report = deploy(&world, &stage(), 10).await;
     assert_eq!(report.status, ApplyStatus::Failed);
-    assert_eq!(world.calls.lock().unwrap().iter().filter(|c| *c == "create net/main").count(), 5);
+    assert_eq!(
+        world
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| *c == "create net/main")
+            .count(),
+        5
+    );
     // Everything depends on the network except the runner, which ran in parallel.
     let skipped: Vec<&str> = report.skipped.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(skipped, ["host/a", "app/a", "host/b", "app/b"]);
@@ -418,26 +599,62 @@ async fn retries_give_up_after_the_last_attempt() {
 #[tokio::test(start_paused = true)]
 async fn a_hard_failure_stops_scheduling_while_in_flight_steps_finish() {
     let world = Arc::new(World::default());
-    let g = graph((0..6).map(|i| Resource::new(format!("app/{i}"), "mem.app")).collect());
-    world.failures.lock().unwrap().insert("app/0".into(), (1, ErrorClass::Hard));
-    world.slow.lock().unwrap().insert("app/1".into(), Duration::from_secs(5));
-    world.slow.lock().unwrap().insert("app/0".into(), Duration::from_millis(10));
+    let g = graph(
+        (0..6)
+            .map(|i| Resource::new(format!("app/{i}"), "mem.app"))
+            .collect(),
+    );
+    world
+        .failures
+        .lock()
+        .unwrap()
+        .insert("app/0".into(), (1, ErrorClass::Hard));
+    world
+        .slow
+        .lock()
+        .unwrap()
+        .insert("app/1".into(), Duration::from_secs(5));
+    world
+        .slow
+        .lock()
+        .unwrap()
+        .insert("app/0".into(), Duration::from_millis(10));
     let report = deploy(&world, &g, 2).await;
     assert_eq!(report.status, ApplyStatus::Failed);
     assert_eq!(report.failed.len(), 1);
     assert_eq!(report.failed[0].0.as_str(), "app/0");
     // app/1 was in flight when app/0 failed: it finished; nothing else started.
-    assert_eq!(report.succeeded.iter().map(ResourceId::as_str).collect::<Vec<_>>(), ["app/1"]);
+    assert_eq!(
+        report
+            .succeeded
+            .iter()
+            .map(ResourceId::as_str)
+            .collect::<Vec<_>>(),
+        ["app/1"]
+    );
     assert_eq!(report.skipped.len(), 4);
     // A hard error is not retried.
-    assert_eq!(world.calls.lock().unwrap().iter().filter(|c| *c == "create app/0").count(), 1);
+    assert_eq!(
+        world
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| *c == "create app/0")
+            .count(),
+        1
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn cancellation_lets_in_flight_steps_finish_and_skips_the_rest() {
     let world = Arc::new(World::default());
     *world.delay.lock().unwrap() = Duration::from_secs(1);
-    let g = graph((0..10).map(|i| Resource::new(format!("app/{i}"), "mem.app")).collect());
+    let g = graph(
+        (0..10)
+            .map(|i| Resource::new(format!("app/{i}"), "mem.app"))
+            .collect(),
+    );
     let p = Mem(world.clone());
     let inv = p.observe().await.unwrap();
     let pl = plan(&g, &inv, KINDS, Mode::Deploy);
@@ -462,7 +679,11 @@ async fn duplicates_left_by_a_crash_are_deleted() {
     deploy(&world, &g, 10).await;
     let dup = {
         let things = world.things.lock().unwrap();
-        let mut d = things.iter().find(|t| t.id.as_str() == "app/b").unwrap().clone();
+        let mut d = things
+            .iter()
+            .find(|t| t.id.as_str() == "app/b")
+            .unwrap()
+            .clone();
         d.uid = 999;
         d
     };
@@ -471,7 +692,10 @@ async fn duplicates_left_by_a_crash_are_deleted() {
     assert_eq!(inv.duplicates.len(), 1);
     let p = plan(&g, &inv, KINDS, Mode::Deploy);
     assert_eq!(p.summary.delete, 1);
-    assert!(p.changes.iter().any(|c| c.action == Action::Delete && c.reason.as_deref().unwrap_or("").contains("duplicate")));
+    assert!(
+        p.changes.iter().any(|c| c.action == Action::Delete
+            && c.reason.as_deref().unwrap_or("").contains("duplicate"))
+    );
     deploy(&world, &g, 10).await;
     assert_converged(&world, &g);
 }
@@ -503,10 +727,24 @@ async fn crash_then_rerun(before: &DesiredGraph, after: &DesiredGraph) -> usize 
         // The process is gone: rerun from a fresh observation.
         *world.crash_after.lock().unwrap() = None;
         let report = deploy(&world, after, 3).await;
-        assert_eq!(report.status, ApplyStatus::Succeeded, "crash at {k}: {:?}", report.failed);
+        assert_eq!(
+            report.status,
+            ApplyStatus::Succeeded,
+            "crash at {k}: {:?}",
+            report.failed
+        );
         assert_converged(&world, after);
-        let p2 = plan(after, &Mem(world.clone()).observe().await.unwrap(), KINDS, Mode::Deploy);
-        assert!(!p2.has_changes(), "crash at {k}: rerun left changes {:?}", p2.summary);
+        let p2 = plan(
+            after,
+            &Mem(world.clone()).observe().await.unwrap(),
+            KINDS,
+            Mode::Deploy,
+        );
+        assert!(
+            !p2.has_changes(),
+            "crash at {k}: rerun left changes {:?}",
+            p2.summary
+        );
     }
     total
 }
@@ -535,7 +773,9 @@ async fn a_crash_after_any_step_then_a_rerun_converges_through_updates_replaceme
         .props
         .insert("cidr".into(), Value::str("10.1.0.0/16"));
     after.resources.remove(&ResourceId::from("app/b"));
-    after.add(Resource::new("app/c", "mem.app").prop("host", Value::reference("host/b", "uid"))).unwrap();
+    after
+        .add(Resource::new("app/c", "mem.app").prop("host", Value::reference("host/b", "uid")))
+        .unwrap();
     let n = crash_then_rerun(&before, &after).await;
     // net/main replaced (delete + create), both hosts updated to the new
     // network, app/c created, app/b deleted; app/a keeps its host and is unchanged.

@@ -1,0 +1,386 @@
+//! `boxctl diff`, `deploy` and `destroy`: plan, then (for the latter two)
+//! lock, journal and apply.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use stack::DesiredGraph;
+use tokio_util::sync::CancellationToken;
+
+use super::context::{self, Providers, StageTarget};
+use super::{ApplyArgs, Output};
+use crate::engine::apply::{ApplyOptions, RetryPolicy, apply as run_apply};
+use crate::engine::journal::{self, ApplyStatus, Journal};
+use crate::engine::lock::{self, Holder, LockRequest, SystemClock, fmt_time};
+use crate::engine::plan::{Mode, Plan, plan};
+use crate::engine::provider::{Inventory, Provider};
+use crate::render::{self, ColorChoice, ProgressPrinter, Style, human_duration};
+
+/// Observe the world and plan; `prepare` runs only when deploying (it needs
+/// the binaries a deploy would start; a destroy does not).
+pub async fn make_plan<P: Provider>(
+    p: &P,
+    graph: &mut DesiredGraph,
+    mode: Mode,
+) -> anyhow::Result<(Inventory, Plan)> {
+    if mode == Mode::Deploy {
+        p.prepare(graph)
+            .await
+            .context("preparing the desired state")?;
+    }
+    let inventory = p.observe().await.context("observing the stage")?;
+    let pl = plan(graph, &inventory, p.kinds(), mode);
+    Ok((inventory, pl))
+}
+
+fn header(style: &Style, verb: &str, stack: &str, stage: &str, t: &StageTarget) {
+    eprintln!(
+        "{} {} stack {}, stage {} ({})",
+        style.bold("boxctl"),
+        verb,
+        style.bold(stack),
+        style.bold(stage),
+        t.description
+    );
+}
+
+/// `boxctl diff`.
+pub async fn diff(
+    explicit: Option<&Path>,
+    stage: &str,
+    output: Output,
+    exit_code: bool,
+    color: ColorChoice,
+) -> anyhow::Result<ExitCode> {
+    let loaded = context::load(explicit, color)?;
+    let stage_cfg = loaded.stack.stage(stage)?;
+    let mut graph = loaded.stack.resolve(stage)?;
+    let target = context::target(&loaded, stage_cfg)?;
+    let style = Style::stdout(color);
+    if output == Output::Text {
+        header(
+            &Style::stderr(color),
+            "diff",
+            &loaded.stack.name,
+            stage,
+            &target,
+        );
+    }
+    let t0 = Instant::now();
+    let (_, pl) = match &target.providers {
+        Providers::Local(p) => make_plan(p, &mut graph, Mode::Deploy).await?,
+    };
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&render::plan_json(&pl))?),
+        Output::Text => {
+            print!("{}", render::plan_text(&pl, &style));
+            eprintln!(
+                "{}",
+                Style::stderr(color).dim(&format!("planned in {}", human_duration(t0.elapsed())))
+            );
+        }
+    }
+    Ok(if !pl.errors.is_empty() {
+        ExitCode::FAILURE
+    } else if exit_code && pl.has_changes() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `boxctl deploy` and `boxctl destroy`.
+pub async fn apply(
+    explicit: Option<&Path>,
+    stage: &str,
+    mode: Mode,
+    args: &ApplyArgs,
+    color: ColorChoice,
+) -> anyhow::Result<ExitCode> {
+    let loaded = context::load(explicit, color)?;
+    let stage_cfg = loaded.stack.stage(stage)?;
+    let graph = loaded.stack.resolve(stage)?;
+    let target = context::target(&loaded, stage_cfg)?;
+    let verb = match mode {
+        Mode::Deploy => "deploy",
+        Mode::Destroy => "destroy",
+    };
+    header(
+        &Style::stderr(color),
+        verb,
+        &loaded.stack.name,
+        stage,
+        &target,
+    );
+    let command = format!("boxctl {verb} --stage {stage}");
+    let code = match &target.providers {
+        Providers::Local(p) => run(p, &target, graph, mode, &command, args, color).await?,
+    };
+    if mode == Mode::Destroy && code == ExitCode::SUCCESS {
+        let Providers::Local(p) = &target.providers;
+        // Nothing retained is left in the stage directory: remove it, lock and journal included.
+        if p.stage_dir().exists() && !has_retained(p.stage_dir()) {
+            std::fs::remove_dir_all(p.stage_dir())
+                .with_context(|| format!("removing {}", p.stage_dir().display()))?;
+            // The stack's directory goes too once its last stage is gone.
+            if let Some(parent) = p.stage_dir().parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+    }
+    Ok(code)
+}
+
+fn has_retained(stage_dir: &Path) -> bool {
+    std::fs::read_dir(stage_dir.join(crate::providers::local::RECORDS_DIR))
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+}
+
+fn confirm(style: &Style, plan: &Plan) -> anyhow::Result<bool> {
+    let destructive = plan
+        .changes
+        .iter()
+        .filter(|c| c.action.is_destructive())
+        .count();
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "the plan deletes or replaces {destructive} resource(s) and stdin is not a terminal to confirm; review it with `boxctl diff`, then rerun with --yes"
+        );
+    }
+    eprint!(
+        "{} the plan deletes or replaces {destructive} resource(s). Type {} to apply: ",
+        style.danger("warning:"),
+        style.bold("yes")
+    );
+    std::io::stderr().flush().ok();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(line.trim() == "yes")
+}
+
+/// Cancel `token` on the first SIGINT/SIGTERM; exit at once on the second.
+fn on_interrupt(token: CancellationToken, style: Style) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        eprintln!(
+            "{} finishing the steps in flight, then releasing the lock (interrupt again to quit at once)",
+            style.yellow("interrupted:")
+        );
+        token.cancel();
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        eprintln!(
+            "{} quitting now; the lock expires with its lease",
+            style.danger("interrupted again:")
+        );
+        std::process::exit(130);
+    })
+}
+
+async fn run<P: Provider>(
+    p: &P,
+    target: &StageTarget,
+    mut graph: DesiredGraph,
+    mode: Mode,
+    command: &str,
+    args: &ApplyArgs,
+    color: ColorChoice,
+) -> anyhow::Result<ExitCode> {
+    let style_out = Style::stdout(color);
+    let style = Style::stderr(color);
+    let store = Arc::clone(&target.store);
+    let holder = Holder::current(command);
+    let lock = lock::acquire(
+        Arc::clone(&store),
+        Arc::new(SystemClock),
+        LockRequest {
+            stack: &graph.stack,
+            stage: &graph.stage,
+            holder: holder.clone(),
+            lease: Duration::from_secs(60),
+            wait: args.lock_timeout,
+        },
+        |held| eprintln!("waiting for the deploy lock, held by {}", held.describe()),
+    )
+    .await?;
+    let lock = Arc::new(lock);
+    let result = locked(
+        p, target, &mut graph, mode, command, holder, args, &style, &style_out, &lock,
+    )
+    .await;
+    if let Err(e) = lock.release().await {
+        eprintln!(
+            "{} could not release the deploy lock: {e}",
+            style.yellow("warning:")
+        );
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn locked<P: Provider>(
+    p: &P,
+    target: &StageTarget,
+    graph: &mut DesiredGraph,
+    mode: Mode,
+    command: &str,
+    holder: Holder,
+    args: &ApplyArgs,
+    style: &Style,
+    style_out: &Style,
+    lock: &Arc<lock::Lock>,
+) -> anyhow::Result<ExitCode> {
+    let store = Arc::clone(&target.store);
+    let mut notes = Vec::new();
+    if let Ok(Some(last)) = journal::latest(store.as_ref()).await
+        && last.status == ApplyStatus::Running
+    {
+        let in_flight: Vec<&str> = last
+            .steps
+            .iter()
+            .filter(|s| s.status == journal::StepStatus::Running)
+            .map(|s| s.id.as_str())
+            .collect();
+        let note = format!(
+            "the previous apply ({} by {}@{}, started {}) ended without finishing{}; the world is observed afresh and the plan converges from there",
+            last.command,
+            last.holder.user,
+            last.holder.host,
+            fmt_time(last.started_at),
+            if in_flight.is_empty() {
+                String::new()
+            } else {
+                format!(" (in flight: {})", in_flight.join(", "))
+            }
+        );
+        eprintln!("{} {note}", style.yellow("note:"));
+        notes.push(note);
+    }
+    let t0 = Instant::now();
+    let (inventory, pl) = make_plan(p, graph, mode).await?;
+    print!("{}", render::plan_text(&pl, style_out));
+    if !pl.errors.is_empty() {
+        bail!(
+            "the plan is refused by policy ({} error(s)); nothing was changed",
+            pl.errors.len()
+        );
+    }
+    if !pl.has_changes() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if pl.is_destructive() && !args.yes && !confirm(style, &pl)? {
+        bail!("not confirmed; nothing was changed");
+    }
+
+    let journal = Journal::start(Arc::clone(&store), &pl, command, holder, notes)
+        .await
+        .context("writing the journal")?;
+    let cancel = CancellationToken::new();
+    let stop_renewal = CancellationToken::new();
+    let renewal = lock.keep_alive(stop_renewal.clone(), cancel.clone());
+    let signals = on_interrupt(cancel.clone(), *style);
+    let opts = ApplyOptions {
+        parallelism: usize::from(args.parallelism),
+        retry: RetryPolicy::default(),
+    };
+    let printer = ProgressPrinter::new(*style);
+    let report = run_apply(
+        p,
+        graph,
+        &pl,
+        &inventory,
+        Some(&journal),
+        &opts,
+        &printer,
+        &cancel,
+    )
+    .await;
+    signals.abort();
+    stop_renewal.cancel();
+    let _ = renewal.await;
+    if let Err(e) = journal.finish(report.status, report.outputs.clone()).await {
+        eprintln!(
+            "{} could not write the journal: {e}",
+            style.yellow("warning:")
+        );
+    }
+    let elapsed = human_duration(t0.elapsed());
+    let journal_at = format!("{}/{}", store.location(), journal.key());
+
+    if args.output == Output::Json {
+        let failed: Vec<serde_json::Value> = report
+            .failed
+            .iter()
+            .map(|(id, action, e)| serde_json::json!({"id": id, "action": action, "error": e}))
+            .collect();
+        let skipped: Vec<serde_json::Value> = report
+            .skipped
+            .iter()
+            .map(|(id, action)| serde_json::json!({"id": id, "action": action}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "status": report.status,
+                "summary": pl.summary,
+                "outputs": report.outputs,
+                "failed": failed,
+                "skipped": skipped,
+                "journal": journal_at,
+            }))?
+        );
+    }
+    match report.status {
+        ApplyStatus::Succeeded => {
+            let s = &pl.summary;
+            eprintln!(
+                "{} in {elapsed}: {} created, {} updated, {} replaced, {} deleted.",
+                style.green("Apply complete"),
+                s.create,
+                s.update,
+                s.replace,
+                s.delete
+            );
+            if args.output == Output::Text && mode == Mode::Deploy && !report.outputs.is_empty() {
+                println!("\nOutputs:");
+                let width = report.outputs.keys().map(String::len).max().unwrap_or(0);
+                for (k, v) in &report.outputs {
+                    let shown = v.as_str().map_or_else(|| render::inline(v), str::to_string);
+                    println!("  {k:<width$}  {shown}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ApplyStatus::Interrupted => {
+            eprintln!(
+                "{} after {elapsed}: {} step(s) done, {} not started; journal: {journal_at}. Run the same command again to converge.",
+                style.yellow("Apply interrupted"),
+                report.succeeded.len(),
+                report.skipped.len()
+            );
+            Ok(ExitCode::from(130))
+        }
+        ApplyStatus::Failed | ApplyStatus::Running => {
+            for (id, action, e) in &report.failed {
+                eprintln!("{} {action:?} {id}: {e}", style.danger("failed:"));
+            }
+            bail!(
+                "apply failed after {elapsed}: {} step(s) failed, {} done, {} not started; journal: {journal_at}. Fix the cause and run the same command again: it converges from the current state",
+                report.failed.len(),
+                report.succeeded.len(),
+                report.skipped.len()
+            )
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Finding and loading stack.toml, and the stage's target and state store.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use stack::{Diagnostic, Severity, Stack, Stage, Target};
+
+use crate::engine::store::{LocalStore, StateStore};
+use crate::providers::local::{LocalProvider, STATE_DIR};
+use crate::render::{ColorChoice, Style};
+
+/// A loaded, valid stack.
+pub struct Loaded {
+    /// Where stack.toml is.
+    pub path: PathBuf,
+    /// The stack.
+    pub stack: Stack,
+}
+
+impl Loaded {
+    /// Directory holding stack.toml.
+    pub fn dir(&self) -> PathBuf {
+        self.path
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    }
+}
+
+/// stack.toml given explicitly, or the first found from the current directory upwards.
+pub fn find_stack(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    for dir in cwd.ancestors() {
+        let candidate = dir.join("stack.toml");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "no stack.toml in {} or any parent directory; pass --stack PATH or set BOXCTL_STACK",
+        cwd.display()
+    )
+}
+
+/// Print diagnostics as `path:line:col: severity: message` to stderr.
+pub fn print_diagnostics(path: &str, diags: &[Diagnostic], color: ColorChoice) {
+    let style = Style::stderr(color);
+    for d in diags {
+        let text = d.render(path);
+        let (first, rest) = text
+            .split_once('\n')
+            .map_or((text.as_str(), None), |(a, b)| (a, Some(b)));
+        let first = match d.severity {
+            Severity::Error => first.replacen("error:", &style.danger("error:"), 1),
+            Severity::Warning => first.replacen("warning:", &style.yellow("warning:"), 1),
+        };
+        eprintln!("{first}");
+        if let Some(rest) = rest {
+            eprintln!("{}", style.dim(rest));
+        }
+    }
+}
+
+/// Read, parse and validate stack.toml; warnings are printed, errors fail.
+pub fn load(explicit: Option<&Path>, color: ColorChoice) -> anyhow::Result<Loaded> {
+    let path = find_stack(explicit)?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let shown = path.display().to_string();
+    match stack::load(&text) {
+        Ok(l) => {
+            print_diagnostics(&shown, &l.warnings, color);
+            Ok(Loaded {
+                path,
+                stack: l.stack,
+            })
+        }
+        Err(diags) => {
+            print_diagnostics(&shown, &diags, color);
+            let errors = diags
+                .iter()
+                .filter(|d| d.severity == Severity::Error)
+                .count();
+            bail!(
+                "{shown} is not valid ({errors} error{})",
+                if errors == 1 { "" } else { "s" }
+            )
+        }
+    }
+}
+
+/// Root of all local state: `$BOXCTL_STATE_DIR`, else `$XDG_STATE_HOME/boxctl`,
+/// else `~/.local/state/boxctl`.
+pub fn state_root() -> anyhow::Result<PathBuf> {
+    if let Some(d) = std::env::var_os("BOXCTL_STATE_DIR").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d).join("boxctl"));
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => Ok(PathBuf::from(home).join(".local/state/boxctl")),
+        None => bail!("cannot find a state directory: set BOXCTL_STATE_DIR"),
+    }
+}
+
+/// The provider set of a stage's target.
+pub enum Providers {
+    /// The local machine.
+    Local(LocalProvider),
+}
+
+/// A stage ready to be planned and applied.
+pub struct StageTarget {
+    /// Its providers.
+    pub providers: Providers,
+    /// Where its lock and journal live.
+    pub store: Arc<dyn StateStore>,
+    /// Describes the target in one line.
+    pub description: String,
+}
+
+/// Set up the providers and state store of a stage.
+pub fn target(loaded: &Loaded, stage: &Stage) -> anyhow::Result<StageTarget> {
+    match stage.target {
+        Target::Local => {
+            let stage_dir = state_root()?.join(&loaded.stack.name).join(&stage.name);
+            let store: Arc<dyn StateStore> = Arc::new(LocalStore::new(stage_dir.join(STATE_DIR)));
+            let description = format!("local, state in {}", stage_dir.display());
+            Ok(StageTarget {
+                providers: Providers::Local(LocalProvider::new(
+                    &loaded.stack.name,
+                    &stage.name,
+                    stage_dir,
+                    loaded.dir(),
+                )),
+                store,
+                description,
+            })
+        }
+        Target::Aws => bail!(
+            "stage {:?} targets aws, which this build of boxctl cannot deploy yet",
+            stage.name
+        ),
+    }
+}

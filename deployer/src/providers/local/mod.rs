@@ -1,0 +1,575 @@
+//! The local target: the platform on this machine under a stage directory.
+//!
+//! Each resource leaves a record under `<stage>/.boxctl/resources/`; processes
+//! also carry their identity in their environment, so one found in `/proc`
+//! without a record (boxctl died right after starting it) is still recognised.
+
+pub mod process;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::Engine as _;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use stack::{DesiredGraph, Policy, Props, Resource, ResourceId, Value, kinds};
+
+use crate::engine::provider::{Inventory, KindSpec, Observed, Provider, ProviderError, StepCtx};
+use crate::engine::store::write_atomic;
+use process::{Health, ProcId};
+
+/// Directory of resource records, relative to the stage directory.
+pub const RECORDS_DIR: &str = ".boxctl/resources";
+/// Directory of the lock and journal, relative to the stage directory.
+pub const STATE_DIR: &str = ".boxctl/state";
+
+const KINDS: &[KindSpec] = &[
+    KindSpec {
+        kind: kinds::LOCAL_DIRECTORY,
+        replace_on: &["path"],
+        order: 10,
+        create_before_delete: false,
+    },
+    KindSpec {
+        kind: kinds::LOCAL_SECRET,
+        replace_on: &["path", "prefix", "bytes"],
+        order: 10,
+        create_before_delete: false,
+    },
+    KindSpec {
+        kind: kinds::LOCAL_FILE,
+        replace_on: &["path"],
+        order: 20,
+        create_before_delete: false,
+    },
+    KindSpec {
+        kind: kinds::LOCAL_PROCESS,
+        replace_on: &[],
+        order: 30,
+        create_before_delete: false,
+    },
+];
+
+/// What boxctl remembers of a resource it made.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    id: ResourceId,
+    kind: String,
+    props: Props,
+    #[serde(default)]
+    policy: Policy,
+    #[serde(default)]
+    generation: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    process: Option<ProcId>,
+}
+
+/// The local provider of one stage.
+pub struct LocalProvider {
+    stack: String,
+    stage: String,
+    stage_dir: PathBuf,
+    stack_dir: PathBuf,
+    health_timeout: Duration,
+    digests: Mutex<BTreeMap<PathBuf, String>>,
+}
+
+fn hard(op: &str, e: impl std::fmt::Display) -> ProviderError {
+    ProviderError::hard(op, e.to_string())
+}
+
+fn str_prop<'a>(r: &'a Props, key: &str, id: &ResourceId) -> Result<&'a str, ProviderError> {
+    r.get(key).and_then(Value::as_str).ok_or_else(|| {
+        ProviderError::hard(
+            "read properties",
+            format!("{id} has no text property `{key}`"),
+        )
+    })
+}
+
+fn mode_of(s: &str) -> u32 {
+    u32::from_str_radix(s, 8).unwrap_or(0o600)
+}
+
+impl LocalProvider {
+    /// The provider of `stack`/`stage`, rooted at `stage_dir`; relative program
+    /// paths are relative to `stack_dir` (where stack.toml is).
+    pub fn new(stack: &str, stage: &str, stage_dir: PathBuf, stack_dir: PathBuf) -> Self {
+        let health_timeout = std::env::var("BOXCTL_HEALTH_TIMEOUT_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or(Duration::from_secs(30), Duration::from_secs);
+        LocalProvider {
+            stack: stack.to_string(),
+            stage: stage.to_string(),
+            stage_dir,
+            stack_dir,
+            health_timeout,
+            digests: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The stage directory.
+    pub fn stage_dir(&self) -> &Path {
+        &self.stage_dir
+    }
+
+    fn marker(&self, id: &ResourceId) -> String {
+        format!("{}/{}/{}", self.stack, self.stage, id)
+    }
+
+    /// A path inside the stage directory; `..` and absolute paths are refused.
+    fn inside(&self, rel: &str, id: &ResourceId) -> Result<PathBuf, ProviderError> {
+        let p = Path::new(rel);
+        if rel.is_empty() || p.components().any(|c| !matches!(c, Component::Normal(_))) {
+            return Err(ProviderError::hard(
+                "resolve path",
+                format!("{id}: path {rel:?} must be relative and stay inside the stage directory"),
+            ));
+        }
+        Ok(self.stage_dir.join(p))
+    }
+
+    fn record_path(&self, id: &ResourceId) -> PathBuf {
+        self.stage_dir
+            .join(RECORDS_DIR)
+            .join(format!("{}.json", id.as_str().replace('/', "~")))
+    }
+
+    fn write_record(&self, rec: &Record) -> Result<(), ProviderError> {
+        let body = serde_json::to_vec_pretty(rec).expect("record serializes");
+        write_atomic(&self.record_path(&rec.id), &body, 0o600).map_err(|e| hard("write record", e))
+    }
+
+    fn remove_record(&self, id: &ResourceId) -> Result<(), ProviderError> {
+        match fs::remove_file(self.record_path(id)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(hard("remove record", e)),
+        }
+    }
+
+    fn records(&self) -> Result<Vec<Record>, ProviderError> {
+        let dir = self.stage_dir.join(RECORDS_DIR);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(hard("read records", format!("{}: {e}", dir.display()))),
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let body = fs::read(&path)
+                .map_err(|e| hard("read record", format!("{}: {e}", path.display())))?;
+            let rec: Record = serde_json::from_slice(&body).map_err(|e| {
+                ProviderError::hard("read record", format!("{} is corrupt: {e}", path.display()))
+                    .with_hint("remove the file; the next deploy recreates what it described")
+            })?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    fn digest(&self, path: &Path) -> Result<String, ProviderError> {
+        if let Some(d) = self.digests.lock().expect("digest mutex").get(path) {
+            return Ok(d.clone());
+        }
+        let mut f = fs::File::open(path)
+            .map_err(|e| hard("hash program", format!("{}: {e}", path.display())))?;
+        let mut h = Sha256::new();
+        std::io::copy(&mut f, &mut h)
+            .map_err(|e| hard("hash program", format!("{}: {e}", path.display())))?;
+        let d = hex::encode(h.finalize());
+        self.digests
+            .lock()
+            .expect("digest mutex")
+            .insert(path.to_path_buf(), d.clone());
+        Ok(d)
+    }
+
+    fn program(&self, props: &Props, id: &ResourceId) -> Result<PathBuf, ProviderError> {
+        let program = str_prop(props, "program", id)?;
+        process::resolve_program(program, &self.stack_dir).map_err(|e| {
+            ProviderError::hard("find program", format!("{id}: {e}"))
+                .with_hint("build the platform binaries with `cargo build --bins`, or set [local] bin_dir in stack.toml")
+        })
+    }
+
+    fn observe_one(&self, rec: &Record, live: &BTreeMap<String, Vec<ProcId>>, inv: &mut Inventory) {
+        let id = &rec.id;
+        let path = rec
+            .props
+            .get("path")
+            .and_then(Value::as_str)
+            .and_then(|p| self.inside(p, id).ok());
+        let mut props = Props::new();
+        let mut outputs = BTreeMap::new();
+        match rec.kind.as_str() {
+            kinds::LOCAL_DIRECTORY => {
+                let Some(path) = path.filter(|p| p.is_dir()) else {
+                    return;
+                };
+                let mode = fs::metadata(&path)
+                    .map(|m| m.permissions().mode() & 0o7777)
+                    .unwrap_or(0);
+                props.insert("path".into(), rec.props["path"].clone());
+                props.insert("mode".into(), Value::str(format!("{mode:04o}")));
+                outputs.insert("path".into(), Value::str(path.display().to_string()));
+            }
+            kinds::LOCAL_FILE => {
+                let Some(path) = path else { return };
+                let Ok(bytes) = fs::read(&path) else { return };
+                let mode = fs::metadata(&path)
+                    .map(|m| m.permissions().mode() & 0o7777)
+                    .unwrap_or(0);
+                props.insert("path".into(), rec.props["path"].clone());
+                props.insert(
+                    "content".into(),
+                    Value::str(String::from_utf8_lossy(&bytes)),
+                );
+                props.insert("mode".into(), Value::str(format!("{mode:04o}")));
+                outputs.insert("path".into(), Value::str(path.display().to_string()));
+            }
+            kinds::LOCAL_SECRET => {
+                // The value is never read into the inventory; only that it exists.
+                let Some(path) = path.filter(|p| p.is_file()) else {
+                    return;
+                };
+                props = rec.props.clone();
+                outputs.insert("path".into(), Value::str(path.display().to_string()));
+            }
+            kinds::LOCAL_PROCESS => {
+                let procs = live.get(&self.marker(id)).cloned().unwrap_or_default();
+                // The recorded process if it lives, else the oldest one carrying the marker.
+                let current = rec
+                    .process
+                    .as_ref()
+                    .filter(|p| p.is_alive())
+                    .cloned()
+                    .or_else(|| procs.first().cloned());
+                props = rec.props.clone();
+                props.insert("running".into(), Value::Bool(current.is_some()));
+                let mut o = Observed::new(id.clone(), &rec.kind, props);
+                o.policy = rec.policy.clone();
+                o.generation = rec.generation;
+                if let Some(c) = &current {
+                    o.handle = Some(format!("pid {}", c.pid));
+                    o.outputs.insert("pid".into(), Value::Int(i64::from(c.pid)));
+                }
+                inv.add(o);
+                for extra in procs.into_iter().filter(|p| Some(p) != current.as_ref()) {
+                    let mut d = Observed::new(id.clone(), &rec.kind, Props::new());
+                    d.handle = Some(format!("pid {}", extra.pid));
+                    d.outputs
+                        .insert("pid".into(), Value::Int(i64::from(extra.pid)));
+                    inv.duplicates.push(d);
+                }
+                return;
+            }
+            _ => return,
+        }
+        let mut o = Observed::new(id.clone(), &rec.kind, props);
+        o.outputs = outputs;
+        o.policy = rec.policy.clone();
+        o.generation = rec.generation;
+        inv.add(o);
+    }
+
+    fn record_for(&self, ctx: &StepCtx, d: &Resource, process: Option<ProcId>) -> Record {
+        Record {
+            id: d.id.clone(),
+            kind: d.kind.clone(),
+            props: d.props.clone(),
+            policy: d.policy.clone(),
+            generation: ctx.generation,
+            process,
+        }
+    }
+
+    async fn start_process(&self, d: &Resource) -> Result<ProcId, ProviderError> {
+        let id = &d.id;
+        let program = self.program(&d.props, id)?;
+        let args: Vec<String> = d
+            .props
+            .get("args")
+            .and_then(Value::as_list)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        let env: BTreeMap<String, String> = d
+            .props
+            .get("env")
+            .and_then(Value::as_map)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let health = Health::parse(str_prop(&d.props, "health", id)?)
+            .map_err(|e| hard("health check", format!("{id}: {e}")))?;
+        let log = self.inside(str_prop(&d.props, "log", id)?, id)?;
+        if let Some(addr) = health.address()
+            && process::address_in_use(addr)
+        {
+            return Err(ProviderError::hard(
+                "start process",
+                format!("{id}: {addr} is already in use by a process this stage does not manage"),
+            )
+            .with_hint("stop that process, or choose other ports in [local] of stack.toml"));
+        }
+        fs::create_dir_all(&self.stage_dir).map_err(|e| hard("start process", e))?;
+        let marker = self.marker(id);
+        let spec = process::Spec {
+            program: &program,
+            args: &args,
+            env: &env,
+            cwd: &self.stage_dir,
+            log: &log,
+            marker: &marker,
+        };
+        let (pid, offset) = process::spawn(&spec)
+            .map_err(|e| hard("start process", format!("{id}: {}: {e}", program.display())))?;
+        match process::wait_healthy(&pid, &health, self.health_timeout).await {
+            Ok(_) => Ok(pid),
+            Err(why) => {
+                let tail = process::log_tail(&log, offset, 20);
+                process::stop(&pid, Duration::from_secs(5));
+                let mut msg = format!("{id}: {why} ({})", health_text(&health));
+                if !tail.is_empty() {
+                    msg.push_str(&format!("; last lines of {}:\n{tail}", log.display()));
+                }
+                Err(ProviderError::hard("health check", msg))
+            }
+        }
+    }
+
+    fn stop_observed(&self, o: &Observed) {
+        let pid = o
+            .outputs
+            .get("pid")
+            .and_then(Value::as_int)
+            .and_then(|p| i32::try_from(p).ok());
+        if let Some(p) = pid.and_then(ProcId::of) {
+            process::stop(&p, Duration::from_secs(10));
+        }
+    }
+}
+
+fn health_text(h: &Health) -> String {
+    match h {
+        Health::Http(u) => format!("GET {u}"),
+        Health::Tcp(a) => format!("connect {a}"),
+    }
+}
+
+/// A random secret: prefix followed by `bytes` random bytes, base64url.
+fn new_secret(prefix: &str, bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut buf);
+    format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf)
+    )
+}
+
+impl Provider for LocalProvider {
+    fn kinds(&self) -> &[KindSpec] {
+        KINDS
+    }
+
+    async fn prepare(&self, graph: &mut DesiredGraph) -> Result<(), ProviderError> {
+        for r in graph
+            .resources
+            .values_mut()
+            .filter(|r| r.kind == kinds::LOCAL_PROCESS)
+        {
+            let program = self.program(&r.props, &r.id)?;
+            let digest = self.digest(&program)?;
+            r.props.insert("program_sha256".into(), Value::str(digest));
+        }
+        Ok(())
+    }
+
+    async fn observe(&self) -> Result<Inventory, ProviderError> {
+        let records = self.records()?;
+        let live =
+            if records.iter().any(|r| r.kind == kinds::LOCAL_PROCESS) || self.stage_dir.exists() {
+                process::scan(&format!("{}/{}/", self.stack, self.stage))
+            } else {
+                BTreeMap::new()
+            };
+        let mut inv = Inventory::default();
+        let recorded: std::collections::BTreeSet<String> =
+            records.iter().map(|r| self.marker(&r.id)).collect();
+        for rec in &records {
+            self.observe_one(rec, &live, &mut inv);
+        }
+        // Processes carrying our marker without a record: boxctl died between
+        // starting them and recording them. They are observed with no known
+        // properties, so the plan restarts them under a record.
+        for (marker, procs) in &live {
+            if recorded.contains(marker) {
+                continue;
+            }
+            let id = ResourceId::new(marker.splitn(3, '/').nth(2).unwrap_or_default());
+            for (i, p) in procs.iter().enumerate() {
+                let mut props = Props::new();
+                props.insert("running".into(), Value::Bool(true));
+                let mut o = Observed::new(id.clone(), kinds::LOCAL_PROCESS, props);
+                o.handle = Some(format!("pid {}", p.pid));
+                o.outputs.insert("pid".into(), Value::Int(i64::from(p.pid)));
+                if i == 0 {
+                    inv.add(o);
+                } else {
+                    inv.duplicates.push(o);
+                }
+            }
+        }
+        Ok(inv)
+    }
+
+    async fn create(&self, ctx: &StepCtx, d: &Resource) -> Result<Observed, ProviderError> {
+        let id = &d.id;
+        let mut outputs = BTreeMap::new();
+        let mut process = None;
+        match d.kind.as_str() {
+            kinds::LOCAL_DIRECTORY => {
+                let path = self.inside(str_prop(&d.props, "path", id)?, id)?;
+                fs::create_dir_all(&path)
+                    .map_err(|e| hard("create directory", format!("{}: {e}", path.display())))?;
+                let mode = mode_of(str_prop(&d.props, "mode", id)?);
+                fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+                    .map_err(|e| hard("chmod", e))?;
+                outputs.insert("path".into(), Value::str(path.display().to_string()));
+            }
+            kinds::LOCAL_FILE => {
+                let path = self.inside(str_prop(&d.props, "path", id)?, id)?;
+                let mode = mode_of(str_prop(&d.props, "mode", id)?);
+                write_atomic(&path, str_prop(&d.props, "content", id)?.as_bytes(), mode)
+                    .map_err(|e| hard("write file", format!("{}: {e}", path.display())))?;
+                outputs.insert("path".into(), Value::str(path.display().to_string()));
+            }
+            kinds::LOCAL_SECRET => {
+                let path = self.inside(str_prop(&d.props, "path", id)?, id)?;
+                let prefix = str_prop(&d.props, "prefix", id)?;
+                let bytes = d
+                    .props
+                    .get("bytes")
+                    .and_then(Value::as_int)
+                    .unwrap_or(32)
+                    .clamp(16, 256) as usize;
+                // A secret written by a run that died before recording it is kept, not rotated.
+                let existing = fs::read_to_string(&path)
+                    .ok()
+                    .filter(|s| s.starts_with(prefix));
+                if existing.is_none() {
+                    write_atomic(&path, new_secret(prefix, bytes).as_bytes(), 0o600)
+                        .map_err(|e| hard("write secret", format!("{}: {e}", path.display())))?;
+                }
+                outputs.insert("path".into(), Value::str(path.display().to_string()));
+            }
+            kinds::LOCAL_PROCESS => {
+                // A process left running by a run that died: stop it before
+                // starting ours (exact marker only: runner-1 is not runner-10).
+                let marker = self.marker(id);
+                for stale in process::scan(&marker).remove(&marker).unwrap_or_default() {
+                    process::stop(&stale, Duration::from_secs(10));
+                }
+                let pid = self.start_process(d).await?;
+                outputs.insert("pid".into(), Value::Int(i64::from(pid.pid)));
+                process = Some(pid);
+            }
+            other => {
+                return Err(ProviderError::hard(
+                    "create",
+                    format!("{id}: unknown kind {other}"),
+                ));
+            }
+        }
+        self.write_record(&self.record_for(ctx, d, process))?;
+        let mut o = Observed::new(id.clone(), &d.kind, d.props.clone());
+        o.outputs = outputs;
+        o.policy = d.policy.clone();
+        o.generation = ctx.generation;
+        Ok(o)
+    }
+
+    async fn update(
+        &self,
+        ctx: &StepCtx,
+        d: &Resource,
+        current: &Observed,
+        _changed: &[String],
+    ) -> Result<Observed, ProviderError> {
+        if d.kind == kinds::LOCAL_PROCESS {
+            // Restart: stop what runs, start with the new settings.
+            self.stop_observed(current);
+        }
+        if d.kind == kinds::LOCAL_SECRET {
+            // Nothing to rewrite: only its record (policy) can change in place.
+            self.write_record(&self.record_for(ctx, d, None))?;
+            let mut o = current.clone();
+            o.props = d.props.clone();
+            o.policy = d.policy.clone();
+            return Ok(o);
+        }
+        let ctx = StepCtx {
+            generation: current.generation,
+            ..ctx.clone()
+        };
+        self.create(&ctx, d).await
+    }
+
+    async fn delete(&self, _ctx: &StepCtx, current: &Observed) -> Result<(), ProviderError> {
+        let id = &current.id;
+        let rel = current.props.get("path").and_then(Value::as_str);
+        match current.kind.as_str() {
+            kinds::LOCAL_PROCESS => self.stop_observed(current),
+            kinds::LOCAL_DIRECTORY => {
+                if let Some(rel) = rel {
+                    let path = self.inside(rel, id)?;
+                    match fs::remove_dir_all(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(hard(
+                                "remove directory",
+                                format!("{}: {e}", path.display()),
+                            ));
+                        }
+                    }
+                }
+            }
+            kinds::LOCAL_FILE | kinds::LOCAL_SECRET => {
+                if let Some(rel) = rel {
+                    let path = self.inside(rel, id)?;
+                    match fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(hard("remove file", format!("{}: {e}", path.display())));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        // A duplicate (observed with no properties) shares the id of the real
+        // resource, whose record must stay.
+        let is_duplicate = current.props.is_empty() && current.kind == kinds::LOCAL_PROCESS;
+        if !is_duplicate {
+            self.remove_record(id)?;
+        }
+        Ok(())
+    }
+}

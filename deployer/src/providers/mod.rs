@@ -1,0 +1,3 @@
+//! Providers: one per part of the world a stage lives in.
+
+pub mod local;
