@@ -1,0 +1,403 @@
+//! The local provider against real processes and files: start, supervise,
+//! restart on change, recover from crashes, stop on destroy.
+
+use std::path::Path;
+use std::time::Duration;
+
+use deployer::engine::apply::{ApplyOptions, ApplyReport, Quiet, apply};
+use deployer::engine::journal::ApplyStatus;
+use deployer::engine::plan::{Action, Mode, Plan, plan};
+use deployer::engine::provider::Provider;
+use deployer::providers::local::LocalProvider;
+use deployer::providers::local::process::{MARKER, ProcId, scan};
+use stack::{DesiredGraph, Resource, ResourceId, Target, Value, kinds};
+use tokio_util::sync::CancellationToken;
+
+struct Stage {
+    dir: tempfile::TempDir,
+    stack: String,
+    port: u16,
+}
+
+impl Stage {
+    fn new() -> Stage {
+        Stage {
+            dir: tempfile::tempdir().unwrap(),
+            // Unique per test so the /proc scan of one test never sees another's processes.
+            stack: format!("t{}", uuid::Uuid::new_v4().simple()),
+            port: testkit::free_port(),
+        }
+    }
+
+    fn provider(&self) -> LocalProvider {
+        LocalProvider::new(
+            &self.stack,
+            "dev",
+            self.dir.path().join("stage"),
+            self.dir.path().to_path_buf(),
+        )
+    }
+
+    fn path(&self, rel: &str) -> std::path::PathBuf {
+        self.dir.path().join("stage").join(rel)
+    }
+
+    /// A directory, a secret, a config file and a web server that depends on them.
+    fn graph(&self, config: &str) -> DesiredGraph {
+        let mut g = DesiredGraph::new(&self.stack, "dev", Target::Local);
+        g.add(
+            Resource::new("dir/data", kinds::LOCAL_DIRECTORY)
+                .prop("path", "data")
+                .prop("mode", "0700"),
+        )
+        .unwrap();
+        g.add(
+            Resource::new("secret/key", kinds::LOCAL_SECRET)
+                .prop("path", "secrets/key")
+                .prop("prefix", "bxk_")
+                .prop("bytes", 32u32),
+        )
+        .unwrap();
+        g.add(
+            Resource::new("config/web", kinds::LOCAL_FILE)
+                .prop("path", "config/web.txt")
+                .prop("content", config)
+                .prop("mode", "0600"),
+        )
+        .unwrap();
+        g.add(
+            Resource::new("process/web", kinds::LOCAL_PROCESS)
+                .prop("program", "python3")
+                .prop(
+                    "args",
+                    Value::strs([
+                        "-m",
+                        "http.server",
+                        &self.port.to_string(),
+                        "--bind",
+                        "127.0.0.1",
+                        "--directory",
+                        "data",
+                    ]),
+                )
+                .prop("env", Value::str_map([("GREETING", "hello")]))
+                .prop("health", format!("http://127.0.0.1:{}/", self.port))
+                .prop("log", "logs/web.log")
+                .prop("config_sha256", stack::sha256_hex(config))
+                .prop("running", true)
+                .dep("dir/data")
+                .dep("secret/key")
+                .dep("config/web"),
+        )
+        .unwrap();
+        g
+    }
+
+    async fn plan(
+        &self,
+        g: &mut DesiredGraph,
+        mode: Mode,
+    ) -> (deployer::engine::provider::Inventory, Plan) {
+        let p = self.provider();
+        if mode == Mode::Deploy {
+            p.prepare(g).await.unwrap();
+        }
+        let inv = p.observe().await.unwrap();
+        let pl = plan(g, &inv, p.kinds(), mode);
+        (inv, pl)
+    }
+
+    async fn apply(&self, g: &DesiredGraph, mode: Mode) -> (Plan, ApplyReport) {
+        let mut g = g.clone();
+        let (inv, pl) = self.plan(&mut g, mode).await;
+        let report = apply(
+            &self.provider(),
+            &g,
+            &pl,
+            &inv,
+            None,
+            &ApplyOptions::default(),
+            &Quiet,
+            &CancellationToken::new(),
+        )
+        .await;
+        (pl, report)
+    }
+
+    fn web_pids(&self) -> Vec<ProcId> {
+        let marker = format!("{}/dev/process/web", self.stack);
+        scan(&marker).remove(&marker).unwrap_or_default()
+    }
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        for procs in scan(&format!("{}/", self.stack)).values() {
+            for p in procs {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+fn action_of<'a>(pl: &'a Plan, id: &str) -> &'a deployer::engine::plan::Change {
+    pl.changes
+        .iter()
+        .find(|c| c.id.as_str() == id)
+        .unwrap_or_else(|| panic!("{id} not in plan"))
+}
+
+fn get(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deploy_starts_everything_and_a_rerun_changes_nothing() {
+    let s = Stage::new();
+    let g = s.graph("v1\n");
+    let (pl, report) = s.apply(&g, Mode::Deploy).await;
+    assert_eq!(pl.summary.create, 4);
+    assert_eq!(report.status, ApplyStatus::Succeeded, "{:?}", report.failed);
+    assert!(get(s.port), "the web server answers");
+
+    // The secret is a 0600 file whose value appears nowhere in the plan.
+    let secret = std::fs::read_to_string(s.path("secrets/key")).unwrap();
+    assert!(secret.starts_with("bxk_") && secret.len() > 40);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(s.path("secrets/key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let json = serde_json::to_string(&deployer::render::plan_json(&pl)).unwrap();
+    assert!(!json.contains(&secret[4..20]));
+
+    // The process runs in its own session, with the declared environment only.
+    let pids = s.web_pids();
+    assert_eq!(pids.len(), 1);
+    let pid = nix::unistd::Pid::from_raw(pids[0].pid);
+    assert_eq!(
+        nix::unistd::getsid(Some(pid)).unwrap(),
+        pid,
+        "daemonized: its own session"
+    );
+    let environ = std::fs::read(format!("/proc/{}/environ", pids[0].pid)).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(environ.contains("GREETING=hello"));
+    assert!(environ.contains(MARKER));
+    assert!(
+        !environ.contains("CARGO_MANIFEST_DIR"),
+        "the caller's environment is not inherited"
+    );
+
+    let mut g2 = g.clone();
+    let (_, again) = s.plan(&mut g2, Mode::Deploy).await;
+    assert!(!again.has_changes(), "{:?}", again.summary);
+    assert_eq!(again.summary.unchanged, 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashed_process_is_drift_and_deploy_restarts_it() {
+    let s = Stage::new();
+    let g = s.graph("v1\n");
+    s.apply(&g, Mode::Deploy).await;
+    let before = s.web_pids()[0].clone();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(before.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    testkit::wait_until(Duration::from_secs(5), || !before.is_alive());
+
+    let mut g2 = g.clone();
+    let (_, pl) = s.plan(&mut g2, Mode::Deploy).await;
+    let c = action_of(&pl, "process/web");
+    assert_eq!(c.action, Action::Update);
+    assert_eq!(c.fields.len(), 1);
+    assert_eq!(
+        (c.fields[0].name.as_str(), c.fields[0].old.clone()),
+        ("running", Some(Value::Bool(false)))
+    );
+
+    let (_, report) = s.apply(&g, Mode::Deploy).await;
+    assert_eq!(report.status, ApplyStatus::Succeeded, "{:?}", report.failed);
+    let after = s.web_pids();
+    assert_eq!(after.len(), 1);
+    assert_ne!(after[0], before);
+    assert!(get(s.port));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_configuration_change_rewrites_the_file_and_restarts_the_process() {
+    let s = Stage::new();
+    s.apply(&s.graph("listen 1\nlevel info\n"), Mode::Deploy)
+        .await;
+    let before = s.web_pids()[0].clone();
+    let g = s.graph("listen 1\nlevel debug\n");
+    let mut g2 = g.clone();
+    let (_, pl) = s.plan(&mut g2, Mode::Deploy).await;
+    assert_eq!(action_of(&pl, "config/web").action, Action::Update);
+    assert_eq!(action_of(&pl, "process/web").action, Action::Update);
+    assert_eq!(
+        action_of(&pl, "process/web").fields[0].name,
+        "config_sha256"
+    );
+    let text = deployer::render::plan_text(
+        &pl,
+        &deployer::render::Style::new(deployer::render::ColorChoice::Never, false),
+    );
+    assert!(
+        text.contains("-level info") && text.contains("+level debug"),
+        "unified diff of the file:\n{text}"
+    );
+
+    let (_, report) = s.apply(&g, Mode::Deploy).await;
+    assert_eq!(report.status, ApplyStatus::Succeeded, "{:?}", report.failed);
+    assert_eq!(
+        std::fs::read_to_string(s.path("config/web.txt")).unwrap(),
+        "listen 1\nlevel debug\n"
+    );
+    assert!(!before.is_alive(), "the old process was stopped");
+    assert_eq!(s.web_pids().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_binary_restarts_the_process() {
+    let s = Stage::new();
+    let script = s.dir.path().join("serve.sh");
+    let write_script = |version: &str| {
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n# {version}\nexec python3 -m http.server \"$1\" --bind 127.0.0.1\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    };
+    write_script("v1");
+    let mut g = DesiredGraph::new(&s.stack, "dev", Target::Local);
+    g.add(
+        Resource::new("process/web", kinds::LOCAL_PROCESS)
+            .prop("program", "serve.sh")
+            .prop("args", Value::strs([s.port.to_string()]))
+            .prop("env", Value::Map(Default::default()))
+            .prop("health", format!("tcp://127.0.0.1:{}", s.port))
+            .prop("log", "logs/web.log")
+            .prop("running", true),
+    )
+    .unwrap();
+    // A bare name is looked up next to boxctl and on PATH; a path is relative to stack.toml.
+    g.resources
+        .get_mut(&ResourceId::from("process/web"))
+        .unwrap()
+        .props
+        .insert("program".into(), Value::str("./serve.sh"));
+    let (_, r) = s.apply(&g, Mode::Deploy).await;
+    assert_eq!(r.status, ApplyStatus::Succeeded, "{:?}", r.failed);
+    let before = s.web_pids()[0].clone();
+
+    write_script("v2");
+    let mut g2 = g.clone();
+    let (_, pl) = s.plan(&mut g2, Mode::Deploy).await;
+    let c = action_of(&pl, "process/web");
+    assert_eq!(c.action, Action::Update);
+    assert_eq!(c.fields[0].name, "program_sha256");
+    let (_, r) = s.apply(&g, Mode::Deploy).await;
+    assert_eq!(r.status, ApplyStatus::Succeeded, "{:?}", r.failed);
+    assert!(!before.is_alive());
+    assert_eq!(s.web_pids().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_started_by_a_run_that_died_before_recording_it_is_adopted_not_duplicated() {
+    let s = Stage::new();
+    let g = s.graph("v1\n");
+    s.apply(&g, Mode::Deploy).await;
+    // Simulate boxctl dying between starting the process and writing its record.
+    std::fs::remove_file(s.path(".boxctl/resources/process~web.json")).unwrap();
+    let mut g2 = g.clone();
+    let (_, pl) = s.plan(&mut g2, Mode::Deploy).await;
+    assert_eq!(
+        action_of(&pl, "process/web").action,
+        Action::Update,
+        "found by its marker, so restarted, not created"
+    );
+    let (_, r) = s.apply(&g, Mode::Deploy).await;
+    assert_eq!(r.status, ApplyStatus::Succeeded, "{:?}", r.failed);
+    assert_eq!(s.web_pids().len(), 1, "exactly one server runs");
+    let mut g3 = g.clone();
+    assert!(!s.plan(&mut g3, Mode::Deploy).await.1.has_changes());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_that_never_becomes_healthy_fails_with_its_log_and_is_not_left_running() {
+    let s = Stage::new();
+    let mut g = DesiredGraph::new(&s.stack, "dev", Target::Local);
+    g.add(
+        Resource::new("process/broken", kinds::LOCAL_PROCESS)
+            .prop("program", "python3")
+            .prop("args", Value::strs(["-c", "import sys; print('cannot open config: no such file', file=sys.stderr); sys.exit(3)"]))
+            .prop("env", Value::Map(Default::default()))
+            .prop("health", format!("tcp://127.0.0.1:{}", s.port))
+            .prop("log", "logs/broken.log")
+            .prop("running", true),
+    )
+    .unwrap();
+    let (_, r) = s.apply(&g, Mode::Deploy).await;
+    assert_eq!(r.status, ApplyStatus::Failed);
+    let msg = r.failed[0].2.to_string();
+    assert!(msg.contains("exited before it became healthy"), "{msg}");
+    assert!(
+        msg.contains("cannot open config: no such file"),
+        "the log tail is in the error: {msg}"
+    );
+    let marker = format!("{}/dev/process/broken", s.stack);
+    assert!(scan(&marker).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_port_taken_by_a_foreign_process_is_a_clear_error() {
+    let s = Stage::new();
+    let _squatter = std::net::TcpListener::bind(("127.0.0.1", s.port)).unwrap();
+    let (_, r) = s.apply(&s.graph("v1\n"), Mode::Deploy).await;
+    assert_eq!(r.status, ApplyStatus::Failed);
+    let e = &r.failed[0].2;
+    assert!(
+        e.message
+            .contains("already in use by a process this stage does not manage"),
+        "{e}"
+    );
+    assert!(
+        e.hint
+            .as_deref()
+            .unwrap_or("")
+            .contains("choose other ports"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn destroy_stops_processes_and_removes_files() {
+    let s = Stage::new();
+    let g = s.graph("v1\n");
+    s.apply(&g, Mode::Deploy).await;
+    let pid = s.web_pids()[0].clone();
+    let (pl, r) = s.apply(&g, Mode::Destroy).await;
+    assert_eq!(pl.summary.delete, 4);
+    assert_eq!(r.status, ApplyStatus::Succeeded, "{:?}", r.failed);
+    assert!(!pid.is_alive());
+    for p in ["data", "secrets/key", "config/web.txt"] {
+        assert!(!s.path(p).exists(), "{p} removed");
+    }
+    let inv = s.provider().observe().await.unwrap();
+    assert!(inv.resources.is_empty());
+    assert!(!Path::new(&s.path(".boxctl/resources/process~web.json")).exists());
+}
