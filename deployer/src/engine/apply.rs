@@ -318,7 +318,10 @@ pub async fn apply<P: Provider>(
                         }
                         match observed {
                             Some(o) => { outputs.insert(o.id.clone(), o.outputs); }
-                            None => { outputs.remove(&change.id); }
+                            // A deleted duplicate shares its id with a declared
+                            // resource whose outputs stay.
+                            None if !graph.resources.contains_key(&change.id) => { outputs.remove(&change.id); }
+                            None => {}
                         }
                         report.succeeded.push(change.id.clone());
                         for &d in &dependents[i] {

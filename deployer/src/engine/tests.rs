@@ -696,8 +696,14 @@ async fn duplicates_left_by_a_crash_are_deleted() {
         p.changes.iter().any(|c| c.action == Action::Delete
             && c.reason.as_deref().unwrap_or("").contains("duplicate"))
     );
-    deploy(&world, &g, 10).await;
+    let report = deploy(&world, &g, 10).await;
     assert_converged(&world, &g);
+    // The duplicate's deletion leaves the declared resource's outputs in place.
+    assert!(
+        report
+            .resource_outputs
+            .contains_key(&ResourceId::from("app/b"))
+    );
 }
 
 /// Start from `before`, deploy `after` but crash right after mutation `k`, then
