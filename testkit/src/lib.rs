@@ -1,6 +1,8 @@
 //! Test support shared by every crate's tests: free ports, readiness waits,
 //! and guards that stop what a test started. Servers bind 127.0.0.1 only.
 
+pub mod postgres;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -20,7 +22,10 @@ pub fn free_ports(count: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..count)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port on 127.0.0.1"))
         .collect();
-    listeners.iter().map(|l| l.local_addr().expect("local addr").port()).collect()
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
 }
 
 /// Poll `ready` every 50 ms until it returns true or `timeout` passes.
@@ -40,7 +45,9 @@ pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
 /// Wait until something accepts TCP connections on 127.0.0.1:`port`.
 pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    wait_until(timeout, || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+    wait_until(timeout, || {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    })
 }
 
 /// Kills (SIGKILL) and reaps a child process when dropped.
@@ -86,7 +93,9 @@ impl Drop for ChildGuard {
 /// The workspace root (the directory holding the top-level Cargo.toml).
 pub fn workspace_root() -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    here.parent().expect("testkit lives one level below the workspace root").to_path_buf()
+    here.parent()
+        .expect("testkit lives one level below the workspace root")
+        .to_path_buf()
 }
 
 /// Directory of the binaries cargo built for this test run (`target/debug`).
