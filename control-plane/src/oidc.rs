@@ -180,7 +180,9 @@ impl OidcVerifier {
                     ErrorKind::InvalidIssuer => "token from another issuer",
                     ErrorKind::InvalidAudience => "token for another audience",
                     ErrorKind::InvalidSignature => "bad token signature",
-                    ErrorKind::MissingRequiredClaim(_) => "token lacks a required claim",
+                    ErrorKind::MissingRequiredClaim(_)
+                    | ErrorKind::InvalidClaimFormat(_)
+                    | ErrorKind::Json(_) => "token lacks a required claim or has a malformed one",
                     _ => "invalid token",
                 };
                 Error::unauthorized(why)
