@@ -32,6 +32,7 @@ both_backends!(
     organizations_and_keys,
     bad_input_gets_json_errors,
     authorization_is_enforced_on_every_route,
+    shutdown_finishes_requests_and_closes_sessions,
 );
 
 async fn health_is_public_and_reports_the_database(b: Backend) {
@@ -1734,4 +1735,77 @@ async fn authorization_is_enforced_on_every_route(b: Backend) {
         checked += 1;
     }
     assert_eq!(checked, routes.len());
+}
+
+async fn shutdown_finishes_requests_and_closes_sessions(b: Backend) {
+    let mut app = TestApp::start(b).await;
+    let (_, key) = app.org("acme").await;
+    let runner = FakeRunner::register(&app, "runner-1", res(8000, 16384, 100_000)).await;
+    runner.sync().await;
+    let id = running_box(&app, &key, &runner).await;
+
+    // An interactive session that is open when the shutdown starts.
+    let mut req = format!(
+        "{}/api/boxes/{id}/exec/ws",
+        app.url.replace("http://", "ws://")
+    )
+    .into_client_request()
+    .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws.send(Message::text(
+        serde_json::to_string(&ExecStart::default()).unwrap(),
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(ws.next().await, Some(Ok(Message::Text(_)))));
+
+    // A slow request in flight when the shutdown starts.
+    runner.state.lock().unwrap().exec_delay = std::time::Duration::from_millis(700);
+    let http = app.http.clone();
+    let url = format!("{}/api/boxes/{id}/exec", app.url);
+    let k = key.clone();
+    let slow = tokio::spawn(async move {
+        let r = http
+            .post(url)
+            .bearer_auth(k)
+            .json(&json!({ "command": ["sleep"] }))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json::<Value>().await.unwrap())
+    });
+    // Wait until the runner has the request: it is in flight through the control plane.
+    while !runner
+        .state
+        .lock()
+        .unwrap()
+        .calls
+        .iter()
+        .any(|c| c.ends_with("/exec"))
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    app.stop().await;
+    let (s, v) = slow.await.unwrap();
+    assert_eq!(s, StatusCode::OK, "the in-flight request finished: {v}");
+    assert_eq!(v["stdout"], "sleep");
+    // The session was told the server is going away.
+    let mut code = None;
+    while let Some(m) = ws.next().await {
+        if let Ok(Message::Close(Some(f))) = m {
+            code = Some(u16::from(f.code));
+            break;
+        }
+    }
+    assert_eq!(code, Some(1001));
+    // Nothing accepts connections any more.
+    assert!(
+        app.http
+            .get(format!("{}/api/health", app.url))
+            .send()
+            .await
+            .is_err()
+    );
 }

@@ -313,6 +313,8 @@ pub struct FakeState {
     pub fail_export: bool,
     /// Corrupt the export (announce a wrong checksum).
     pub lie_about_checksum: bool,
+    /// Delay before answering an exec.
+    pub exec_delay: Duration,
 }
 
 /// A fake runner: its API on a real socket, and `sync` for one healthcheck.
@@ -541,6 +543,8 @@ async fn fake_exec(
     if let Some(r) = refused(&st, &headers, format!("POST /api/boxes/{id}/exec")) {
         return r;
     }
+    let delay = st.lock().unwrap().exec_delay;
+    tokio::time::sleep(delay).await;
     let s = st.lock().unwrap();
     match s.boxes.get(&id) {
         None => (
