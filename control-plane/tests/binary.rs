@@ -252,7 +252,9 @@ fn runs_on_postgres_from_the_environment_alone_with_json_logs() {
 #[test]
 fn refuses_bad_configuration_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: Vec<(&str, &str, Vec<(&str, String)>)> = vec![
+    // (config file, text expected in the output, environment)
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, String)>);
+    let cases: Vec<Case> = vec![
         (
             "database_url = \"sqlite://x.db\"\nadmin_key_file = \"k\"\nlisten_addr = \"x\"\n",
             "listen_addr",
