@@ -79,6 +79,8 @@ CREATE TABLE boxes (
     deleted_at BIGINT
 );
 CREATE INDEX boxes_organization ON boxes (organization_id, id);
+-- The default listing (live boxes of an organization, by id) reads this in order.
+CREATE INDEX boxes_organization_live ON boxes (organization_id, id) WHERE deleted_at IS NULL;
 CREATE INDEX boxes_runner_live ON boxes (runner_id) WHERE deleted_at IS NULL;
 CREATE INDEX boxes_migrate_to ON boxes (migrate_to) WHERE migrate_to IS NOT NULL;
 
@@ -88,4 +90,5 @@ CREATE TABLE box_labels (
     label_value TEXT NOT NULL,
     PRIMARY KEY (box_id, label_key)
 );
-CREATE INDEX box_labels_key_value ON box_labels (label_key, label_value);
+-- Label filters read the matching box ids in id order (merge with the listing order).
+CREATE INDEX box_labels_key_value ON box_labels (label_key, label_value, box_id);

@@ -261,7 +261,7 @@ pub async fn create(state: &AppState, org_id: Uuid, req: &CreateBoxRequest) -> R
                 unresponsive,
             }
         };
-        for c in scheduler::rank(ready, &spec.resources) {
+        for c in scheduler::spread_near_ties(scheduler::rank(ready, &spec.resources), &spec.resources) {
             let runner_id = c.id.to_string();
             if !reserve(&mut tx, &runner_id, &spec.resources, cutoff, now).await? {
                 continue; // taken by a concurrent create, or drained meanwhile: try the next

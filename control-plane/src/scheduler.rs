@@ -9,6 +9,10 @@
 //! (the thresholds Daytona uses). Ties go to the runner with the lower name,
 //! so the choice is deterministic.
 //!
+//! Runners whose scores are within [`NEAR_TIE`] of the best are tried in a
+//! random order ([`spread_near_ties`]), so concurrent creates spread over
+//! equally good runners instead of queueing on one runner's row lock.
+//!
 //! The ranking is advisory: the database update that reserves the resources
 //! re-checks the room atomically, so concurrent creates cannot overbook a
 //! runner (see `boxes::create`).
@@ -32,6 +36,9 @@ const HOT_CPU: f64 = 0.90;
 const HOT_MEMORY: f64 = 0.75;
 /// Measured disk share past which a runner is penalised.
 const HOT_DISK: f64 = 0.75;
+
+/// Scores this close to the best count as equally good.
+pub const NEAR_TIE: f64 = 0.02;
 
 /// A schedulable runner as placement sees it.
 #[derive(Clone, Debug, PartialEq)]
@@ -130,6 +137,21 @@ pub fn rank(candidates: Vec<Candidate>, req: &Resources) -> Vec<Candidate> {
         .collect();
     scored.sort_by(|(sa, a), (sb, b)| sb.total_cmp(sa).then_with(|| a.name.cmp(&b.name)));
     scored.into_iter().map(|(_, c)| c).collect()
+}
+
+/// Shuffle the leading candidates of `ranked` (best first) whose score for
+/// `req` is within [`NEAR_TIE`] of the best; the rest keep their order.
+pub fn spread_near_ties(mut ranked: Vec<Candidate>, req: &Resources) -> Vec<Candidate> {
+    use rand::seq::SliceRandom;
+    let Some(best) = ranked.first().map(|c| c.score(req)) else {
+        return ranked;
+    };
+    let n = ranked
+        .iter()
+        .take_while(|c| c.score(req) >= best - NEAR_TIE)
+        .count();
+    ranked[..n].shuffle(&mut rand::rng());
+    ranked
 }
 
 /// Why no runner could take a box.
@@ -287,6 +309,31 @@ mod tests {
         let hot = cand("hot", cap, res(0, 0, 0), res(7900, 8000, 100), 0);
         let ranked = rank(vec![hot, cool], &req);
         assert_eq!(ranked[0].name, "cool");
+    }
+
+    #[test]
+    fn near_ties_are_spread_and_clear_winners_stay_first() {
+        let req = res(100, 100, 100);
+        let cap = res(8000, 8192, 8192);
+        let twins: Vec<Candidate> = (0..3)
+            .map(|i| cand(&format!("twin-{i}"), cap, res(0, 0, 0), res(0, 0, 0), 0))
+            .collect();
+        let busy = cand("busy", cap, res(6000, 6000, 6000), res(0, 0, 0), 20);
+        let mut firsts = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let mut all = twins.clone();
+            all.push(busy.clone());
+            let out = spread_near_ties(rank(all, &req), &req);
+            assert_eq!(out.len(), 4);
+            assert_eq!(
+                out[3].name, "busy",
+                "a clearly worse runner is never moved up"
+            );
+            firsts.insert(out[0].name.clone());
+        }
+        // 200 shuffles of three equals: each comes first at some point (chance of failure ~3e-35).
+        assert_eq!(firsts.len(), 3);
+        assert!(spread_near_ties(Vec::new(), &req).is_empty());
     }
 
     #[test]

@@ -1029,7 +1029,8 @@ async fn interactive_exec_is_relayed_over_websocket(b: Backend) {
 async fn moving_a_box_keeps_its_id_and_data(b: Backend) {
     let app = TestApp::start(b).await;
     let (_, key) = app.org("acme").await;
-    let a = FakeRunner::register(&app, "runner-a", res(8000, 16384, 100_000)).await;
+    // runner-a is clearly emptier, so the box is placed there.
+    let a = FakeRunner::register(&app, "runner-a", res(16000, 32768, 200_000)).await;
     let bb = FakeRunner::register(&app, "runner-b", res(8000, 16384, 100_000)).await;
     a.sync().await;
     bb.sync().await;

@@ -7,18 +7,46 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::{Any, AnyPool, Executor, Row};
+use sqlx::{Any, AnyConnection, AnyPool, Executor, Row};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
 
-/// A write transaction.
-pub type Tx = sqlx::Transaction<'static, Any>;
+/// A write transaction. Dereferences to the connection (`&mut *tx` is an
+/// executor); on SQLite it also holds this process's writer turn.
+pub struct Tx {
+    tx: sqlx::Transaction<'static, Any>,
+    _turn: Option<OwnedMutexGuard<()>>,
+}
+
+impl Tx {
+    /// Commit (and give up the writer turn).
+    pub async fn commit(self) -> Result<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Tx {
+    type Target = AnyConnection;
+
+    fn deref(&self) -> &AnyConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+}
 
 /// Which database the URL named.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +69,9 @@ const MAX_ATTEMPTS: u32 = 6;
 pub struct Db {
     pool: AnyPool,
     dialect: Dialect,
+    /// SQLite has one writer: writers of this process queue here (first come,
+    /// first served) rather than in SQLite's sleeping busy handler.
+    writer: Option<Arc<Mutex<()>>>,
 }
 
 impl Db {
@@ -76,7 +107,12 @@ impl Db {
             .connect(url)
             .await
             .context("connect to the database")?;
-        Ok(Db { pool, dialect })
+        let writer = (dialect == Dialect::Sqlite).then(|| Arc::new(Mutex::new(())));
+        Ok(Db {
+            pool,
+            dialect,
+            writer,
+        })
     }
 
     /// Apply the embedded migrations (idempotent; PostgreSQL takes an advisory
@@ -116,14 +152,25 @@ impl Db {
     }
 
     /// Begin a write transaction. On SQLite it takes the write lock at once
-    /// (`BEGIN IMMEDIATE`), so read-then-write transactions cannot deadlock or
-    /// see stale data; on PostgreSQL conflicting writers meet on row locks.
+    /// (`BEGIN IMMEDIATE`, after this process's writer queue), so
+    /// read-then-write transactions cannot deadlock or see stale data, even
+    /// with other processes on the file; on PostgreSQL conflicting writers
+    /// meet on row locks.
     pub async fn begin(&self) -> Result<Tx> {
-        let tx = match self.dialect {
-            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Dialect::Postgres => self.pool.begin().await?,
-        };
-        Ok(tx)
+        match &self.writer {
+            Some(turn) => {
+                let turn = turn.clone().lock_owned().await;
+                let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+                Ok(Tx {
+                    tx,
+                    _turn: Some(turn),
+                })
+            }
+            None => Ok(Tx {
+                tx: self.pool.begin().await?,
+                _turn: None,
+            }),
+        }
     }
 
     /// True when the database answers `SELECT 1`.
