@@ -7,6 +7,8 @@
 //! that runner. PostgreSQL in production, SQLite on the local target, one
 //! code path for both.
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod auth;
 pub mod boxes;
