@@ -21,8 +21,7 @@ use tower::ServiceBuilder;
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
-use tracing::Level;
+use tower_http::trace::TraceLayer;
 
 use crate::error::Error;
 use crate::openapi::{ApiSchema, SchemaFn, schema_of};
@@ -259,14 +258,32 @@ pub fn router(state: AppState, routes: Vec<Route>) -> Router {
                             )
                         })
                         .on_request(())
-                        .on_response(DefaultOnResponse::new().level(Level::INFO))
+                        .on_response(())
                         // 5xx answers are logged where they are made (with their cause).
                         .on_failure(()),
                 )
                 .layer(PropagateRequestIdLayer::new(request_id))
+                .layer(middleware::from_fn(log_request))
                 .layer(middleware::from_fn(catch_panic)),
         )
         .with_state(state)
+}
+
+/// One line per request (in its span: method, path, request id, caller):
+/// status and latency. Successful health checks and runner healthchecks,
+/// which arrive every few seconds, are logged at debug level.
+async fn log_request(req: Request, next: Next) -> Response {
+    let quiet = matches!(req.uri().path(), "/api/health" | "/api/runners/healthcheck");
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    let latency_ms = (started.elapsed().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
+    if quiet && resp.status().is_success() {
+        tracing::debug!(status, latency_ms, "request");
+    } else {
+        tracing::info!(status, latency_ms, "request");
+    }
+    resp
 }
 
 /// Drop a client-sent request id that is too long or has odd characters
