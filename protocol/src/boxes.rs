@@ -121,3 +121,12 @@ pub struct BoxPage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_cursor: Option<String>,
 }
+
+/// `POST /api/admin/boxes/{id}/move` body (admin): re-pin a box to another
+/// runner, copying its files (export from the current runner, import into the
+/// target) and keeping its id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveBoxRequest {
+    /// Name of the target runner (ready, not draining, with room).
+    pub runner: String,
+}

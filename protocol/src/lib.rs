@@ -8,15 +8,21 @@ pub mod boxes;
 pub mod error;
 pub mod exec;
 pub mod health;
+pub mod orgs;
 pub mod runners;
 
 pub use boxes::*;
 pub use error::ApiError;
 pub use exec::*;
 pub use health::*;
+pub use orgs::*;
 pub use runners::*;
 
 /// Prefix of user API keys, so they are recognisable in logs and by leak scanners.
 pub const API_KEY_PREFIX: &str = "bxk_";
 /// Prefix of runner tokens.
 pub const RUNNER_TOKEN_PREFIX: &str = "bxr_";
+/// Prefix of the per-runner keys the control plane presents when it calls a runner's API.
+pub const RUNNER_API_KEY_PREFIX: &str = "bxc_";
+/// Response header carrying the SHA-256 (hex) of a box archive (export and import).
+pub const ARCHIVE_SHA256_HEADER: &str = "x-boxlite-sha256";

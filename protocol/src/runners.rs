@@ -132,6 +132,12 @@ pub struct RunnerInfo {
     pub capacity: Resources,
     /// Reported usage.
     pub usage: Resources,
+    /// Sum of the limits of the boxes pinned to it: what placement counts against capacity.
+    #[serde(default)]
+    pub allocated: Resources,
+    /// Marked draining by an operator (kept while it is unresponsive too).
+    #[serde(default)]
+    pub draining: bool,
     /// Boxes pinned to it (not deleted).
     pub boxes: u32,
     /// Last healthcheck.
