@@ -3,8 +3,7 @@
 //!
 //! Each box has a directory `<state>/boxes/<id>/` holding `box.json` (its
 //! spec and desired state, written atomically), `launch.json` (what its shim
-//! runs), the overlay `upper/` and `work/` directories, the `rootfs/` mount
-//! point (used only inside the shim's mount namespace), `shim.sock` and
+//! runs), the overlay `upper/` and `work/` directories, `shim.sock` and
 //! `shim.log`. A running box is exactly a live shim: on start the agent asks
 //! every shim socket it finds, and the boxes that answer are re-adopted.
 
@@ -136,9 +135,7 @@ pub fn validate_spec(spec: &BoxSpec) -> Result<()> {
         return Err(bad(format!("invalid image name {:?}", spec.image)));
     }
     if spec.resources.memory_mib != 0 && spec.resources.memory_mib < MIN_MEMORY_MIB {
-        return Err(bad(format!(
-            "memory_mib must be at least {MIN_MEMORY_MIB}"
-        )));
+        return Err(bad(format!("memory_mib must be at least {MIN_MEMORY_MIB}")));
     }
     if spec.resources.memory_mib > 1 << 30 || spec.resources.cpu_millicores > 1 << 30 {
         return Err(bad("resources out of range".into()));
@@ -212,7 +209,11 @@ impl Boxes {
 
     /// Record of a box.
     pub fn record(&self, id: &Uuid) -> Option<BoxRecord> {
-        self.entries.lock().unwrap().get(id).map(|e| e.record.clone())
+        self.entries
+            .lock()
+            .unwrap()
+            .get(id)
+            .map(|e| e.record.clone())
     }
 
     /// Current state of a box.
@@ -374,10 +375,9 @@ impl Boxes {
         })?;
         let dir = self.box_dir(&id);
         let res = (|| -> Result<()> {
-            std::fs::create_dir(&dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-            for sub in ["upper", "work", "rootfs"] {
+            for sub in ["upper", "work"] {
                 std::fs::create_dir(dir.join(sub))?;
             }
             // Root of the box owns its writable layer.
@@ -492,7 +492,6 @@ impl Boxes {
             lower: self.images.rootfs(&spec.image),
             upper: dir.join("upper"),
             work: dir.join("work"),
-            rootfs: dir.join("rootfs"),
             network: spec.network,
             hostname: format!("box-{}", &id.simple().to_string()[..12]),
             env,

@@ -141,7 +141,8 @@ fn unescape_mountinfo(s: &str) -> String {
     while i < b.len() {
         if b[i] == b'\\'
             && i + 4 <= b.len()
-            && let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
+            && let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
         {
             out.push(v);
             i += 4;
@@ -364,7 +365,8 @@ pub fn systemd_run_args(id: &uuid::Uuid) -> Vec<String> {
 /// Move every process of the cgroup `dir` into its child `agent` (v2 "no internal processes").
 fn move_into_leaf(dir: &Path) -> Result<()> {
     let leaf = dir.join("agent");
-    std::fs::create_dir_all(&leaf).with_context(|| format!("creating cgroup {}", leaf.display()))?;
+    std::fs::create_dir_all(&leaf)
+        .with_context(|| format!("creating cgroup {}", leaf.display()))?;
     // Processes may appear while we move them (threads, forks): repeat until empty.
     for _ in 0..20 {
         let procs = std::fs::read_to_string(dir.join("cgroup.procs"))
@@ -400,7 +402,10 @@ impl Placement {
                 v.dedup();
                 v
             }
-            _ => self.v2_root().map(|r| vec![r.join("box")]).unwrap_or_default(),
+            _ => self
+                .v2_root()
+                .map(|r| vec![r.join("box")])
+                .unwrap_or_default(),
         }
     }
 
@@ -432,10 +437,7 @@ impl Placement {
                     &cpu.join("cpu.cfs_quota_us"),
                     &cpu_quota_us(limits.cpu_millicores).to_string(),
                 )?;
-                write_file(
-                    &get("pids")?.join("pids.max"),
-                    &limits.pids_max.to_string(),
-                )?;
+                write_file(&get("pids")?.join("pids.max"), &limits.pids_max.to_string())?;
                 Ok(())
             }
             Placement::V2 { dir } => {
@@ -524,7 +526,11 @@ impl Placement {
             return vec![];
         };
         std::fs::read_to_string(d.join("cgroup.procs"))
-            .map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+            .map(|s| {
+                s.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -539,7 +545,8 @@ impl Placement {
                 write_file(&d.join("freezer.state"), want)?;
                 if frozen {
                     for _ in 0..250 {
-                        let s = std::fs::read_to_string(d.join("freezer.state")).unwrap_or_default();
+                        let s =
+                            std::fs::read_to_string(d.join("freezer.state")).unwrap_or_default();
                         if s.trim() == "FROZEN" {
                             return Ok(true);
                         }
@@ -557,7 +564,8 @@ impl Placement {
                 write_file(&b.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
                 if frozen {
                     for _ in 0..250 {
-                        let ev = std::fs::read_to_string(b.join("cgroup.events")).unwrap_or_default();
+                        let ev =
+                            std::fs::read_to_string(b.join("cgroup.events")).unwrap_or_default();
                         if ev.lines().any(|l| l.trim() == "frozen 1") {
                             return Ok(true);
                         }
@@ -606,7 +614,8 @@ pub fn cpu_quota_us(millicores: u64) -> u64 {
 /// v2: `R/shim` holds the caller, `R/box` gets the limits.
 fn setup_v2_subtree(r: &Path, limits: &Limits) -> Result<()> {
     let shim = r.join("shim");
-    std::fs::create_dir_all(&shim).with_context(|| format!("creating cgroup {}", shim.display()))?;
+    std::fs::create_dir_all(&shim)
+        .with_context(|| format!("creating cgroup {}", shim.display()))?;
     write_file(&shim.join("cgroup.procs"), "0")?;
     enable_controllers(r)?;
     let b = r.join("box");

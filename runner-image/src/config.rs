@@ -342,7 +342,10 @@ state_dir = "data/runners/runner-1"
         let c = Config::parse(MINIMAL, Path::new("/stage")).unwrap();
         assert_eq!(c.state_dir, Path::new("/stage/data/runners/runner-1"));
         assert_eq!(c.token_file, Path::new("/stage/secrets/runner-1-token"));
-        assert_eq!(c.image_dir, Path::new("/stage/data/runners/runner-1/images"));
+        assert_eq!(
+            c.image_dir,
+            Path::new("/stage/data/runners/runner-1/images")
+        );
         assert_eq!(c.advertise_url, "http://127.0.0.1:7101");
         assert_eq!(c.cgroup_mode, CgroupMode::Auto);
         assert_eq!(c.box_uid, DEFAULT_BOX_UID);

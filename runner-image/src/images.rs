@@ -146,7 +146,10 @@ impl ImageStore {
         std::fs::write(staging.join("image.json"), json)?;
         let dest = self.dir.join(&info.name);
         if dest.exists() {
-            bail!("image {:?} already exists (images are immutable)", info.name);
+            bail!(
+                "image {:?} already exists (images are immutable)",
+                info.name
+            );
         }
         std::fs::rename(staging, &dest)
             .with_context(|| format!("moving image into {}", dest.display()))?;
@@ -161,20 +164,22 @@ impl ImageStore {
             return Ok(i);
         }
         let staging = self.staging()?;
-        let res = self.build_busybox(busybox, &staging.join("rootfs")).and_then(|digest| {
-            let info = ImageInfo {
-                name: DEFAULT_IMAGE.into(),
-                source: "busybox".into(),
-                digest,
-                env: vec![
-                    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-                ],
-                working_dir: None,
-                created_at: now_rfc3339(),
-            };
-            self.commit(&staging, &info)?;
-            Ok(info)
-        });
+        let res = self
+            .build_busybox(busybox, &staging.join("rootfs"))
+            .and_then(|digest| {
+                let info = ImageInfo {
+                    name: DEFAULT_IMAGE.into(),
+                    source: "busybox".into(),
+                    digest,
+                    env: vec![
+                        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                    ],
+                    working_dir: None,
+                    created_at: now_rfc3339(),
+                };
+                self.commit(&staging, &info)?;
+                Ok(info)
+            });
         if res.is_err() {
             let _ = std::fs::remove_dir_all(&staging);
         }
@@ -233,7 +238,9 @@ impl ImageStore {
         }
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let rel = line.trim().trim_start_matches('/');
-            if rel.is_empty() || rel == "bin/busybox" || layers::safe_components(rel.as_bytes()).is_err()
+            if rel.is_empty()
+                || rel == "bin/busybox"
+                || layers::safe_components(rel.as_bytes()).is_err()
             {
                 continue;
             }
@@ -264,7 +271,11 @@ impl ImageStore {
                 "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\nexport PS1='\\u@\\h:\\w\\$ '\n",
                 0o644,
             ),
-            ("etc/os-release", "NAME=\"BoxLite busybox\"\nID=busybox\n", 0o644),
+            (
+                "etc/os-release",
+                "NAME=\"BoxLite busybox\"\nID=busybox\n",
+                0o644,
+            ),
         ];
         for (f, content, mode) in files {
             let p = root.join(f);
@@ -278,7 +289,9 @@ impl ImageStore {
     /// Import an OCI image layout tarball as `name`.
     pub fn import_oci(&self, name: &str, tarball: &Path) -> Result<ImageInfo> {
         if !valid_name(name) {
-            bail!("invalid image name {name:?} (lower-case letters, digits, `.`, `_`, `-`; at most 64)");
+            bail!(
+                "invalid image name {name:?} (lower-case letters, digits, `.`, `_`, `-`; at most 64)"
+            );
         }
         self.prepare()?;
         if self.dir.join(name).exists() {
@@ -318,13 +331,17 @@ impl ImageStore {
                 [b"oci-layout"] => {
                     let mut v = Vec::new();
                     (&mut entry).take(4096).read_to_end(&mut v)?;
-                    let l: serde_json::Value = serde_json::from_slice(&v)
-                        .context("oci-layout is not JSON")?;
-                    layout_ok = l.get("imageLayoutVersion").and_then(|v| v.as_str()).is_some();
+                    let l: serde_json::Value =
+                        serde_json::from_slice(&v).context("oci-layout is not JSON")?;
+                    layout_ok = l
+                        .get("imageLayoutVersion")
+                        .and_then(|v| v.as_str())
+                        .is_some();
                 }
                 [b"blobs", b"sha256", hexname] => {
                     let hexname = std::str::from_utf8(hexname).unwrap_or("");
-                    if !sys::is_sha256_hex(hexname) || hexname.bytes().any(|b| b.is_ascii_uppercase())
+                    if !sys::is_sha256_hex(hexname)
+                        || hexname.bytes().any(|b| b.is_ascii_uppercase())
                     {
                         bail!("blob name {hexname:?} is not a sha256 digest");
                     }
@@ -408,7 +425,10 @@ impl ImageStore {
                 .get("digest")
                 .and_then(|d| d.as_str())
                 .ok_or_else(|| anyhow!("layer {i} without digest"))?;
-            let media = layer.get("mediaType").and_then(|m| m.as_str()).unwrap_or("");
+            let media = layer
+                .get("mediaType")
+                .and_then(|m| m.as_str())
+                .unwrap_or("");
             let hexd = digest
                 .strip_prefix("sha256:")
                 .filter(|h| sys::is_sha256_hex(h))
@@ -426,7 +446,12 @@ impl ImageStore {
                 .with_context(|| format!("applying layer {i} ({digest})"))?;
         }
         // Mount points bubblewrap needs, and a world-writable /tmp.
-        for (d, mode) in [("proc", 0o555), ("dev", 0o755), ("tmp", 0o1777), ("root", 0o700)] {
+        for (d, mode) in [
+            ("proc", 0o555),
+            ("dev", 0o755),
+            ("tmp", 0o1777),
+            ("root", 0o700),
+        ] {
             let p = rootfs.join(d);
             if std::fs::symlink_metadata(&p).is_err() {
                 std::fs::create_dir(&p)?;
@@ -441,8 +466,8 @@ impl ImageStore {
             .and_then(|d| d.as_str())
         {
             Some(d) => {
-                let cfg: serde_json::Value =
-                    serde_json::from_slice(&read_blob(d, 4 << 20)?).context("config is not JSON")?;
+                let cfg: serde_json::Value = serde_json::from_slice(&read_blob(d, 4 << 20)?)
+                    .context("config is not JSON")?;
                 let c = cfg.get("config");
                 let env = c
                     .and_then(|c| c.get("Env"))
@@ -490,7 +515,9 @@ fn oci_arch() -> &'static str {
 fn pick_platform(manifests: &[serde_json::Value]) -> Option<&serde_json::Value> {
     let matches = |m: &&serde_json::Value| {
         let p = m.get("platform");
-        let arch = p.and_then(|p| p.get("architecture")).and_then(|a| a.as_str());
+        let arch = p
+            .and_then(|p| p.get("architecture"))
+            .and_then(|a| a.as_str());
         let os = p.and_then(|p| p.get("os")).and_then(|a| a.as_str());
         arch == Some(oci_arch()) && os.is_none_or(|o| o == "linux")
     };
@@ -544,11 +571,7 @@ fn chown_tree(root: &Path, owner: u32) -> Result<()> {
 }
 
 /// Build an OCI image layout tarball from layer tarballs (used by tests and tooling).
-pub fn write_oci_layout(
-    out: &Path,
-    layers_tar: &[Vec<u8>],
-    env: &[&str],
-) -> Result<()> {
+pub fn write_oci_layout(out: &Path, layers_tar: &[Vec<u8>], env: &[&str]) -> Result<()> {
     let mut b = tar::Builder::new(std::fs::File::create(out)?);
     let mut add = |path: &str, data: &[u8]| -> Result<()> {
         let mut h = tar::Header::new_gnu();
@@ -649,7 +672,10 @@ mod tests {
         let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         assert!(is_dynamic_elf(&me));
         if let Ok(bb) = std::fs::read("/bin/busybox") {
-            assert!(!is_dynamic_elf(&bb), "/bin/busybox should be busybox-static");
+            assert!(
+                !is_dynamic_elf(&bb),
+                "/bin/busybox should be busybox-static"
+            );
         }
         assert!(!is_dynamic_elf(&crate::init_elf::init_program().unwrap()));
     }
@@ -675,7 +701,10 @@ mod tests {
         let tmp = std::fs::metadata(root.join("tmp")).unwrap();
         assert_eq!(tmp.permissions().mode() & 0o7777, 0o1777);
         // Idempotent.
-        assert_eq!(store.ensure_default(Path::new("/bin/busybox")).unwrap(), info);
+        assert_eq!(
+            store.ensure_default(Path::new("/bin/busybox")).unwrap(),
+            info
+        );
     }
 
     #[test]
@@ -683,11 +712,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let owner = nix::unistd::getuid().as_raw();
         let store = ImageStore::new(&d.path().join("images"), owner);
-        let l1 = layer(&[
-            ("etc/", b""),
-            ("etc/a", b"one"),
-            ("etc/b", b"gone soon"),
-        ]);
+        let l1 = layer(&[("etc/", b""), ("etc/a", b"one"), ("etc/b", b"gone soon")]);
         let l2 = layer(&[("etc/a", b"two"), ("etc/.wh.b", b"")]);
         let tarball = d.path().join("img.tar");
         write_oci_layout(&tarball, &[l1, l2], &["PATH=/bin", "LANG=C.UTF-8"]).unwrap();

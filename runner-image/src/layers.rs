@@ -309,7 +309,9 @@ pub fn apply(reader: impl Read, root: &Path, opts: &ApplyOptions) -> Result<Appl
                     &String::from_utf8_lossy(&full),
                     libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
                 )
-                .with_context(|| format!("opening directory {:?}", String::from_utf8_lossy(&full)))?;
+                .with_context(|| {
+                    format!("opening directory {:?}", String::from_utf8_lossy(&full))
+                })?;
                 // SAFETY: valid descriptor.
                 unsafe {
                     libc::fchown(dfd.as_raw_fd(), opts.owner, opts.owner);
@@ -479,8 +481,8 @@ pub fn write_upper<W: Write>(
     prefix: &str,
     owner: u32,
 ) -> Result<WriteStats> {
-    let root = std::fs::File::open(upper)
-        .with_context(|| format!("opening {}", upper.display()))?;
+    let root =
+        std::fs::File::open(upper).with_context(|| format!("opening {}", upper.display()))?;
     let mut stats = WriteStats::default();
     let mut links: HashMap<(u64, u64), String> = HashMap::new();
     let mut h = tar::Header::new_gnu();
@@ -628,7 +630,9 @@ fn walk<W: Write>(
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_size(meta.len());
                 // The file may change while we read: read exactly the size we announced.
-                let reader = f.take(meta.len()).chain(std::io::repeat(0).take(meta.len()));
+                let reader = f
+                    .take(meta.len())
+                    .chain(std::io::repeat(0).take(meta.len()));
                 b.append_data(&mut h, &child, reader.take(meta.len()))?;
                 stats.entries += 1;
                 stats.bytes += meta.len();
@@ -699,7 +703,11 @@ mod tests {
         assert!(!outside.join("pwned").exists());
         // Either refused, or created inside the root.
         if r.is_ok() {
-            assert!(root.join(out.trim_start_matches('/')).join("pwned").exists());
+            assert!(
+                root.join(out.trim_start_matches('/'))
+                    .join("pwned")
+                    .exists()
+            );
         }
         // A symlink then a regular file with the same name replaces the link, not its target.
         std::fs::write(outside.join("victim"), "keep").unwrap();
@@ -709,7 +717,10 @@ mod tests {
             ("v", tar::EntryType::Regular, b"new", None),
         ]);
         apply(&t[..], &root, &opts(WhiteoutMode::Delete)).unwrap();
-        assert_eq!(std::fs::read_to_string(outside.join("victim")).unwrap(), "keep");
+        assert_eq!(
+            std::fs::read_to_string(outside.join("victim")).unwrap(),
+            "keep"
+        );
         assert_eq!(std::fs::read_to_string(root.join("v")).unwrap(), "new");
     }
 
@@ -736,7 +747,10 @@ mod tests {
         assert!(!root.join("b").exists());
         // set-id bits were dropped.
         use std::os::unix::fs::PermissionsExt;
-        let m = std::fs::metadata(root.join("a/new")).unwrap().permissions().mode();
+        let m = std::fs::metadata(root.join("a/new"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(m & 0o7777, 0o755);
     }
 
@@ -782,7 +796,10 @@ mod tests {
         std::fs::create_dir(&restore).unwrap();
         apply(&bytes[..], &restore, &opts(WhiteoutMode::Overlay)).unwrap();
         let r = restore.join("upper");
-        assert_eq!(std::fs::read_to_string(r.join("dir/file")).unwrap(), "hello");
+        assert_eq!(
+            std::fs::read_to_string(r.join("dir/file")).unwrap(),
+            "hello"
+        );
         use std::os::unix::fs::MetadataExt;
         assert_eq!(
             std::fs::metadata(r.join("hard")).unwrap().ino(),

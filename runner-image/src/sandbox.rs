@@ -61,8 +61,6 @@ pub struct BoxLaunch {
     pub upper: PathBuf,
     /// Overlayfs work directory (same filesystem as `upper`).
     pub work: PathBuf,
-    /// Mount point of the joined root.
-    pub rootfs: PathBuf,
     /// Share the host's network namespace.
     pub network: bool,
     /// Host name inside the box.
@@ -108,13 +106,34 @@ fn overlay_escape(p: &Path) -> String {
     out
 }
 
-/// Mount the box's overlay root at `launch.rootfs` (in the current mount namespace).
-pub fn mount_overlay(l: &BoxLaunch) -> Result<()> {
-    for p in [&l.lower, &l.upper, &l.work, &l.rootfs] {
+/// Where the shim mounts the box's root inside its private mount namespace.
+/// bubblewrap runs as the unprivileged box uid and resolves its bind source
+/// by path, so the path must be traversable by that uid; the state
+/// directory is not (0700). `/run/boxlite` exists on the host only as an
+/// empty directory: each shim mounts its own private tmpfs over it.
+pub const SANDBOX_MOUNT_BASE: &str = "/run/boxlite";
+
+/// Mount the box's overlay root (in the current, private mount namespace)
+/// and return where it is.
+pub fn mount_overlay(l: &BoxLaunch) -> Result<PathBuf> {
+    for p in [&l.lower, &l.upper, &l.work] {
         if !p.is_dir() {
             bail!("{} is missing", p.display());
         }
     }
+    let base = Path::new(SANDBOX_MOUNT_BASE);
+    nix::mount::mount(
+        Some("tmpfs"),
+        base,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )
+    .with_context(|| format!("mounting a private tmpfs on {}", base.display()))?;
+    let root = base.join("root");
+    std::fs::create_dir(&root)?;
     let opts = format!(
         "lowerdir={},upperdir={},workdir={},index=off,metacopy=off,redirect_dir=off",
         overlay_escape(&l.lower),
@@ -123,12 +142,20 @@ pub fn mount_overlay(l: &BoxLaunch) -> Result<()> {
     );
     nix::mount::mount(
         Some("overlay"),
-        &l.rootfs,
+        &root,
         Some("overlay"),
         nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
         Some(opts.as_str()),
     )
-    .with_context(|| format!("mounting the overlay root at {}", l.rootfs.display()))
+    .with_context(|| format!("mounting the overlay root at {}", root.display()))?;
+    Ok(root)
+}
+
+/// Create the (empty, host-visible) mount base; run before entering the private namespace.
+pub fn ensure_mount_base() -> Result<()> {
+    std::fs::create_dir_all(SANDBOX_MOUNT_BASE)
+        .with_context(|| format!("creating {SANDBOX_MOUNT_BASE}"))?;
+    Ok(())
 }
 
 /// bubblewrap's arguments for a box (descriptor numbers per [`BWRAP_FDS`]).
@@ -179,7 +206,11 @@ pub fn bwrap_args(l: &BoxLaunch, seccomp_programs: usize) -> Vec<String> {
                 .map(|s| s.to_string()),
         );
     }
-    a.extend(["--clearenv", "--chdir", "/", "--info-fd", "4"].iter().map(|s| s.to_string()));
+    a.extend(
+        ["--clearenv", "--chdir", "/", "--info-fd", "4"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
     for i in 0..seccomp_programs {
         a.push("--add-seccomp-fd".into());
         a.push((5 + i).to_string());
@@ -199,7 +230,7 @@ pub struct Started {
 
 /// Start bubblewrap for the box (the overlay must be mounted, the cgroups created).
 /// Returns once PID 1 runs, i.e. the sandbox is completely set up.
-pub fn start_box(l: &BoxLaunch, policy: &Policy, stderr: RawFd) -> Result<Started> {
+pub fn start_box(l: &BoxLaunch, root: &Path, policy: &Policy, stderr: RawFd) -> Result<Started> {
     let programs = policy.program_bytes();
     if programs.len() > 3 {
         bail!("more seccomp programs than descriptor slots");
@@ -214,8 +245,11 @@ pub fn start_box(l: &BoxLaunch, policy: &Policy, stderr: RawFd) -> Result<Starte
     while sources.len() < 5 {
         sources.push(OwnedFd::from(std::fs::File::open("/dev/null")?));
     }
-    sources.push(sys::sealed_memfd("boxlite-init", &crate::init_elf::init_program()?)?);
-    sources.push(sys::open_path(&l.rootfs, true)?);
+    sources.push(sys::sealed_memfd(
+        "boxlite-init",
+        &crate::init_elf::init_program()?,
+    )?);
+    sources.push(sys::open_path(root, true)?);
     let src_raw: Vec<RawFd> = sources.iter().map(|f| f.as_raw_fd()).collect();
     let cgroup_fds = l.placement.open_procs_files()?;
     let cg_raw: Vec<RawFd> = cgroup_fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -430,7 +464,8 @@ impl BoxHandle {
     /// Home directory of root in the box (from its /etc/passwd, read without leaving the box root).
     pub fn home(&self) -> String {
         let mut text = String::new();
-        if let Ok(fd) = sys::open_in_root(&self.root, "/etc/passwd", libc::O_RDONLY | libc::O_NONBLOCK)
+        if let Ok(fd) =
+            sys::open_in_root(&self.root, "/etc/passwd", libc::O_RDONLY | libc::O_NONBLOCK)
         {
             let f = std::fs::File::from(fd);
             if f.metadata().map(|m| m.is_file()).unwrap_or(false) {
@@ -465,13 +500,15 @@ impl BoxHandle {
         for (k, v) in &spec.env {
             env.insert(k.clone(), v.clone());
         }
-        env.entry("PATH".into()).or_insert_with(|| DEFAULT_PATH.into());
+        env.entry("PATH".into())
+            .or_insert_with(|| DEFAULT_PATH.into());
         env.insert("HOME".into(), home.clone());
         env.entry("USER".into()).or_insert_with(|| "root".into());
         env.entry("LOGNAME".into()).or_insert_with(|| "root".into());
         env.insert("HOSTNAME".into(), self.hostname.clone());
         if spec.tty {
-            env.entry("TERM".into()).or_insert_with(|| "xterm-256color".into());
+            env.entry("TERM".into())
+                .or_insert_with(|| "xterm-256color".into());
         }
         let mut candidates: Vec<(String, Vec<String>)> = Vec::new();
         if spec.command.is_empty() {
@@ -560,8 +597,8 @@ impl BoxHandle {
             child_main(&ctx);
         }
         drop(err_w);
-        let report = read_all_until(&err_r, Instant::now() + Duration::from_secs(10))
-            .unwrap_or_default();
+        let report =
+            read_all_until(&err_r, Instant::now() + Duration::from_secs(10)).unwrap_or_default();
         if report.len() >= 5 {
             let step = report[0];
             let errno = i32::from_ne_bytes(report[1..5].try_into().unwrap_or([0; 4]));
@@ -777,7 +814,13 @@ fn child_main(c: &ChildCtx) -> ! {
             fail(c.err, 10);
         }
         // 11. Nothing but 0, 1, 2 survives exec (the report pipe closes on success).
-        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0 {
+        if libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) != 0
+        {
             fail(c.err, 11);
         }
         let mut last = libc::ENOENT;
@@ -809,12 +852,8 @@ fn child_main(c: &ChildCtx) -> ! {
 
 /// Open a pseudo-terminal from the box's own devpts: (master, peer/slave).
 pub fn open_pty(h: &BoxHandle, box_uid: u32, rows: u16, cols: u16) -> Result<(OwnedFd, OwnedFd)> {
-    let master = sys::open_in_root(
-        &h.root,
-        "/dev/pts/ptmx",
-        libc::O_RDWR | libc::O_NOCTTY,
-    )
-    .context("opening the box's /dev/pts/ptmx")?;
+    let master = sys::open_in_root(&h.root, "/dev/pts/ptmx", libc::O_RDWR | libc::O_NOCTTY)
+        .context("opening the box's /dev/pts/ptmx")?;
     // SAFETY: ioctls on the master we own.
     unsafe {
         let unlock: libc::c_int = 0;
@@ -853,7 +892,6 @@ mod tests {
             lower: "/l".into(),
             upper: "/u".into(),
             work: "/w".into(),
-            rootfs: "/r".into(),
             network,
             hostname: "box-1".into(),
             env: BTreeMap::new(),

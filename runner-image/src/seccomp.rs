@@ -127,9 +127,7 @@ fn deny_program() -> Result<BpfProgram> {
     rules.insert(libc::SYS_ioctl, ioctl);
     let clone = CLONE_NS_FLAGS
         .iter()
-        .map(|f| {
-            SeccompRule::new(vec![cond(0, *f, *f)?]).map_err(|e| anyhow!("seccomp rule: {e}"))
-        })
+        .map(|f| SeccompRule::new(vec![cond(0, *f, *f)?]).map_err(|e| anyhow!("seccomp rule: {e}")))
         .collect::<Result<Vec<_>>>()?;
     rules.insert(libc::SYS_clone, clone);
     let filter = SeccompFilter::new(
@@ -331,8 +329,13 @@ mod tests {
             {
                 return 21;
             }
-            if errno_of(libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0))
-                != libc::EPERM
+            if errno_of(libc::syscall(
+                libc::SYS_ptrace,
+                libc::PTRACE_TRACEME,
+                0,
+                0,
+                0,
+            )) != libc::EPERM
             {
                 return 22;
             }

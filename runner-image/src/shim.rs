@@ -93,24 +93,31 @@ pub fn run(box_dir: &Path, ready_fd: Option<RawFd>) -> Result<()> {
         }
         Err(e) => {
             tracing::error!("box failed to start: {e:#}");
-            report(ready, serde_json::json!({"ok": false, "error": format!("{e:#}")}));
+            report(
+                ready,
+                serde_json::json!({"ok": false, "error": format!("{e:#}")}),
+            );
             std::process::exit(1);
         }
     }
 }
 
 /// Everything up to a running box and a bound socket (synchronous, before the runtime).
-fn setup(box_dir: &Path, mut launch: BoxLaunch) -> Result<(Rc<Shim>, std::os::unix::net::UnixListener)> {
+fn setup(
+    box_dir: &Path,
+    mut launch: BoxLaunch,
+) -> Result<(Rc<Shim>, std::os::unix::net::UnixListener)> {
     let _ = std::fs::write("/proc/self/oom_score_adj", "-900");
+    sandbox::ensure_mount_base()?;
     sandbox::enter_private_mount_ns()?;
-    sandbox::mount_overlay(&launch)?;
+    let root = sandbox::mount_overlay(&launch)?;
     launch
         .placement
         .create(&launch.limits)
         .context("creating the box's cgroups")?;
     let policy = crate::seccomp::Policy::compile()?;
     let stderr = std::io::stderr().as_raw_fd();
-    let started = sandbox::start_box(&launch, &policy, stderr)?;
+    let started = sandbox::start_box(&launch, &root, &policy, stderr)?;
     let handle = match BoxHandle::open(started.pid1, &launch, policy) {
         Ok(h) => h,
         Err(e) => {
@@ -387,7 +394,10 @@ impl Shim {
                 let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
             }
         };
-        if tokio::time::timeout(Duration::from_secs(10), wait).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .is_err()
+        {
             unsafe { libc::kill(self.bwrap_pid as i32, libc::SIGKILL) };
             self.reap();
         }
@@ -416,7 +426,13 @@ async fn read_output(s: Rc<Session>, kind: u8, fd: Rc<AsyncFd<OwnedFd>>) {
         };
         match guard.try_io(|inner| {
             // SAFETY: valid descriptor and buffer.
-            let n = unsafe { libc::read(inner.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            let n = unsafe {
+                libc::read(
+                    inner.get_ref().as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            };
             if n < 0 {
                 Err(std::io::Error::last_os_error())
             } else {
@@ -443,7 +459,13 @@ async fn write_fd(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> std::io::Result<()>
         let mut guard = fd.writable().await?;
         match guard.try_io(|inner| {
             // SAFETY: valid descriptor and buffer.
-            let n = unsafe { libc::write(inner.get_ref().as_raw_fd(), data.as_ptr().cast(), data.len()) };
+            let n = unsafe {
+                libc::write(
+                    inner.get_ref().as_raw_fd(),
+                    data.as_ptr().cast(),
+                    data.len(),
+                )
+            };
             if n < 0 {
                 Err(std::io::Error::last_os_error())
             } else {
@@ -456,6 +478,21 @@ async fn write_fd(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> std::io::Result<()>
         }
     }
     Ok(())
+}
+
+/// SIGKILL the session's process group until it is empty (a process that
+/// forks while being killed would otherwise leave survivors), for up to 5 s.
+fn kill_group(s: Rc<Session>) {
+    s.signal(libc::SIGKILL);
+    tokio::task::spawn_local(async move {
+        for _ in 0..1000 {
+            // SAFETY: plain kill; ESRCH means the group is gone.
+            if unsafe { libc::kill(-(s.pid as i32), libc::SIGKILL) } != 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
 }
 
 /// Agent → session: stdin and control messages, until the connection closes.
@@ -494,7 +531,9 @@ async fn input_loop(s: Rc<Session>, mut rd: OwnedReadHalf, generation: u64) {
                     }
                 }
                 Ok(StreamControl::Signal { signal }) => {
-                    if (1..=64).contains(&signal) {
+                    if signal == libc::SIGKILL {
+                        kill_group(s.clone());
+                    } else if (1..=64).contains(&signal) {
                         s.signal(signal);
                     }
                 }
@@ -542,7 +581,8 @@ async fn stream(shim: Rc<Shim>, s: Rc<Session>, conn: UnixStream) {
             }
             if s.attach_gen.get() == generation {
                 s.buf.borrow_mut().pop_front();
-                s.buf_bytes.set(s.buf_bytes.get().saturating_sub(data.len()));
+                s.buf_bytes
+                    .set(s.buf_bytes.get().saturating_sub(data.len()));
                 s.bump();
             }
             continue;
@@ -551,7 +591,10 @@ async fn stream(shim: Rc<Shim>, s: Rc<Session>, conn: UnixStream) {
         if let Some(code) = s.exit.get() {
             let since = s.exited_at.get().map(|t| t.elapsed()).unwrap_or_default();
             if s.open_streams.get() == 0 || since >= DRAIN_GRACE {
-                if ipc::write_json(&mut wr, &ShimMessage::Exit { code }).await.is_ok() {
+                if ipc::write_json(&mut wr, &ShimMessage::Exit { code })
+                    .await
+                    .is_ok()
+                {
                     break true;
                 }
                 client_gone = true;
@@ -568,9 +611,13 @@ async fn stream(shim: Rc<Shim>, s: Rc<Session>, conn: UnixStream) {
     input.abort();
     if delivered {
         shim.remove_session(&s.id);
-    } else if client_gone && s.attach_gen.get() == generation && !s.detachable && s.exit.get().is_none() {
+    } else if client_gone
+        && s.attach_gen.get() == generation
+        && !s.detachable
+        && s.exit.get().is_none()
+    {
         // A one-shot exec whose caller went away (or timed out): end it.
-        s.signal(libc::SIGKILL);
+        kill_group(s.clone());
     }
 }
 
@@ -580,14 +627,21 @@ async fn write_out(wr: &mut OwnedWriteHalf, kind: u8, data: &[u8]) -> Result<()>
 
 /// Handle one agent connection.
 async fn handle(shim: Rc<Shim>, mut conn: UnixStream) {
-    let req = match tokio::time::timeout(Duration::from_secs(10), ipc::read_frame(&mut conn)).await {
+    let req = match tokio::time::timeout(Duration::from_secs(10), ipc::read_frame(&mut conn)).await
+    {
         Ok(Ok(Some(Frame::Json(j)))) => ipc::parse::<ShimRequest>(&j),
         _ => return,
     };
     let req = match req {
         Ok(r) => r,
         Err(e) => {
-            let _ = ipc::write_json(&mut conn, &ShimMessage::Error { message: format!("{e:#}") }).await;
+            let _ = ipc::write_json(
+                &mut conn,
+                &ShimMessage::Error {
+                    message: format!("{e:#}"),
+                },
+            )
+            .await;
             return;
         }
     };
@@ -608,8 +662,13 @@ async fn handle(shim: Rc<Shim>, mut conn: UnixStream) {
                 }
             }
             Err(e) => {
-                let _ = ipc::write_json(&mut conn, &ShimMessage::Error { message: format!("{e:#}") })
-                    .await;
+                let _ = ipc::write_json(
+                    &mut conn,
+                    &ShimMessage::Error {
+                        message: format!("{e:#}"),
+                    },
+                )
+                .await;
             }
         },
         ShimRequest::Attach { session } => {
@@ -637,7 +696,8 @@ async fn handle(shim: Rc<Shim>, mut conn: UnixStream) {
         }
         ShimRequest::Stop { grace_ms } => {
             if !shim.stopping.get() {
-                shim.stop(Duration::from_millis(grace_ms.min(300_000))).await;
+                shim.stop(Duration::from_millis(grace_ms.min(300_000)))
+                    .await;
             }
             let _ = ipc::write_json(&mut conn, &ShimMessage::Stopped).await;
             finish(&shim, 0);
@@ -714,7 +774,12 @@ async fn serve(shim: Rc<Shim>, listener: std::os::unix::net::UnixListener) -> i3
 /// Start a shim for the box in `box_dir` and wait until its box runs.
 /// `program` is the runner binary (or `systemd-run` followed by its arguments
 /// and the runner binary). Returns what the shim reports.
-pub async fn launch(program: &[PathBuf], args_prefix: &[String], box_dir: &Path, log: &Path) -> Result<ShimInfo> {
+pub async fn launch(
+    program: &[PathBuf],
+    args_prefix: &[String],
+    box_dir: &Path,
+    log: &Path,
+) -> Result<ShimInfo> {
     let (ready_r, ready_w) = sys::pipe()?;
     let log_file = std::fs::OpenOptions::new()
         .create(true)
@@ -751,7 +816,12 @@ pub async fn launch(program: &[PathBuf], args_prefix: &[String], box_dir: &Path,
             }
             libc::setsid();
             // The agent's sockets and files stay with the agent.
-            libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+            libc::syscall(
+                libc::SYS_close_range,
+                4u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             Ok(())
         });
     }

@@ -65,7 +65,8 @@ pub fn open_path(p: &Path, directory: bool) -> Result<OwnedFd> {
     // SAFETY: valid C string.
     let fd = unsafe { libc::open(c.as_ptr(), flags) };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("open {}", p.display()));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("open {}", p.display()));
     }
     // SAFETY: fresh descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
