@@ -204,8 +204,8 @@ impl Session {
         unsafe {
             if let Some(m) = &self.master {
                 let fg = libc::tcgetpgrp(m.get_ref().as_raw_fd());
-                if fg > 0 {
-                    libc::kill(-fg, sig);
+                if fg > 0 && libc::kill(-fg, sig) == 0 {
+                    return;
                 }
             }
             if libc::kill(-(self.pid as i32), sig) != 0 {
