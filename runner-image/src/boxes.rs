@@ -7,7 +7,7 @@
 //! `shim.log`. A running box is exactly a live shim: on start the agent asks
 //! every shim socket it finds, and the boxes that answer are re-adopted.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -194,7 +194,17 @@ impl Boxes {
         self.layout.box_dir(id)
     }
 
+    /// Persist a box's record. The spec is written durably when the box is
+    /// created; later updates (placement, desired state) only need atomicity.
     fn save(&self, id: &Uuid, rec: &BoxRecord) -> Result<()> {
+        sys::write_atomic_nosync(
+            &self.box_dir(id).join("box.json"),
+            &serde_json::to_vec_pretty(rec)?,
+            0o600,
+        )
+    }
+
+    fn save_durably(&self, id: &Uuid, rec: &BoxRecord) -> Result<()> {
         sys::write_atomic(
             &self.box_dir(id).join("box.json"),
             &serde_json::to_vec_pretty(rec)?,
@@ -401,7 +411,7 @@ impl Boxes {
             image_digest: image.digest,
             last_error: None,
         };
-        self.save(&id, &record)?;
+        self.save_durably(&id, &record)?;
         self.entries.lock().unwrap().insert(
             id,
             Entry {
@@ -501,7 +511,7 @@ impl Boxes {
             bwrap: self.config.bwrap_path.clone(),
             max_sessions: self.config.max_sessions_per_box,
         };
-        sys::write_atomic(
+        sys::write_atomic_nosync(
             &crate::shim::launch_path(&dir),
             &serde_json::to_vec_pretty(&launch)?,
             0o600,
@@ -669,8 +679,8 @@ impl Boxes {
                 let now = Instant::now();
                 if let Some((t, prev)) = e.cpu_prev {
                     let dt = now.duration_since(t).as_micros() as u64;
-                    if dt > 0 {
-                        e.cpu_millicores = u.cpu_usec.saturating_sub(prev) * 1000 / dt;
+                    if let Some(m) = (u.cpu_usec.saturating_sub(prev) * 1000).checked_div(dt) {
+                        e.cpu_millicores = m;
                     }
                 }
                 e.cpu_prev = Some((now, u.cpu_usec));
@@ -715,11 +725,6 @@ impl Boxes {
             .values()
             .filter(|e| e.state == BoxState::Running)
             .count() as u32
-    }
-
-    /// Disk usage of a box's files (bytes), for the export size estimate and reports.
-    pub fn env_of(&self, id: &Uuid) -> Option<BTreeMap<String, String>> {
-        self.record(id).map(|r| r.spec.env)
     }
 
     /// Ids of running boxes.
@@ -783,7 +788,7 @@ mod tests {
                 memory_mib: 128,
                 disk_mib: 100,
             },
-            env: BTreeMap::new(),
+            env: std::collections::BTreeMap::new(),
             network: false,
         }
     }

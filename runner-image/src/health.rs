@@ -170,7 +170,7 @@ pub async fn run(agent: Arc<Agent>) {
             Err(e) => {
                 failures += 1;
                 // Log the first failure and then every tenth, not every few seconds.
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     tracing::warn!("healthcheck failed ({failures}x): {e:#}");
                 }
                 interval = DEFAULT_INTERVAL.min(Duration::from_secs(u64::from(failures.min(5))));

@@ -268,7 +268,13 @@ impl Shim {
                     s.bump();
                 }
                 None => {
-                    self.orphans.borrow_mut().insert(pid, code);
+                    let mut o = self.orphans.borrow_mut();
+                    // Only the exit of a process forked a moment ago and not yet
+                    // registered matters; never let this grow.
+                    if o.len() > 1024 {
+                        o.clear();
+                    }
+                    o.insert(pid, code);
                 }
             }
         }

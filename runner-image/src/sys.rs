@@ -204,6 +204,16 @@ pub fn cap_last_cap() -> u32 {
 
 /// Write `bytes` to `path` atomically (temp file in the same directory, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    write_replace(path, bytes, mode, true)
+}
+
+/// Like [`write_atomic`] without the fsyncs: for runtime state that a power
+/// loss makes meaningless anyway (it never leaves a torn file behind).
+pub fn write_atomic_nosync(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    write_replace(path, bytes, mode, false)
+}
+
+fn write_replace(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| anyhow!("{} has no parent", path.display()))?;
@@ -223,10 +233,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
             .open(&tmp)
             .with_context(|| format!("create {}", tmp.display()))?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if sync {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)
             .with_context(|| format!("rename {} -> {}", tmp.display(), path.display()))?;
-        fsync_dir(dir);
+        if sync {
+            fsync_dir(dir);
+        }
         Ok(())
     })();
     if res.is_err() {

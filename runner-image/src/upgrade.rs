@@ -248,7 +248,7 @@ pub fn prune(layout: &Layout, keep: usize, protect: &[&str]) {
             Some((t, e.file_name().to_string_lossy().into_owned()))
         })
         .collect();
-    rels.sort_by(|a, b| b.0.cmp(&a.0));
+    rels.sort_by_key(|r| std::cmp::Reverse(r.0));
     for (i, (_, name)) in rels.iter().enumerate() {
         if i >= keep && !protect.contains(&name.as_str()) {
             let _ = std::fs::remove_dir_all(layout.releases().join(name));

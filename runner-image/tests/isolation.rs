@@ -56,6 +56,13 @@ async fn box_cannot_read_host_files_outside_its_root() {
     assert!(out.contains("CapBnd:\t0000000000000000"), "{out}");
     assert!(out.contains("NoNewPrivs:\t1"), "{out}");
     assert!(out.contains("Seccomp:\t2"), "{out}");
+    // Only stdin, stdout and stderr reach a process in the box, and its PID 1 holds nothing.
+    let (out, _) = r
+        .sh(id, "ls /proc/self/fd; echo pid1:; ls /proc/1/fd 2>&1")
+        .await;
+    let fds: Vec<&str> = out.lines().take_while(|l| *l != "pid1:").collect();
+    assert_eq!(fds, ["0", "1", "2", "3"], "(3 is ls's own directory) {out}");
+    assert!(out.ends_with("pid1:\n"), "{out}");
     // Namespaces and mounts stay closed.
     let (out, _) = r
         .sh(
