@@ -318,7 +318,7 @@ impl Boxes {
             };
             found.push((id, rec));
         }
-        for (id, rec) in found {
+        for (id, mut rec) in found {
             let sock = crate::shim::socket_path(&self.box_dir(&id));
             let info = if sock.exists() {
                 ipc::hello(&sock).await.ok().filter(|i| i.box_id == id)
@@ -326,8 +326,21 @@ impl Boxes {
                 None
             };
             let (state, error) = match (&info, rec.desired) {
-                (Some(_), _) => {
+                (Some(i), _) => {
                     self.adopted.fetch_add(1, Ordering::Relaxed);
+                    // The agent may have died between starting the shim and
+                    // recording where the box's cgroups are.
+                    if rec.placement.is_none() {
+                        rec.placement = Some(match self.hierarchy.placement_for(&id) {
+                            Placement::SystemdScope { unit, .. } => Placement::SystemdScope {
+                                unit,
+                                dir: i.cgroup_dir.clone(),
+                            },
+                            p => p,
+                        });
+                        rec.desired = Desired::Running;
+                        let _ = self.save(&id, &rec);
+                    }
                     (BoxState::Running, None)
                 }
                 (None, Desired::Running) => {
@@ -363,9 +376,45 @@ impl Boxes {
     pub async fn create(&self, spec: BoxSpec) -> Result<()> {
         validate_spec(&spec)?;
         let id = spec.id;
+        let image = self.images.get(&spec.image).ok_or_else(|| {
+            BoxError::new(
+                "bad_request",
+                format!("image {:?} is not on this runner", spec.image),
+            )
+        })?;
+        let record = BoxRecord {
+            spec: spec.clone(),
+            created_at: now_rfc3339(),
+            desired: Desired::Running,
+            placement: None,
+            image_digest: image.digest,
+            last_error: None,
+        };
+        // Claim the id under the map's lock, holding the box's operation lock,
+        // so two concurrent creates of one id never both build it.
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        let guard = lock.clone().try_lock_owned().expect("fresh lock");
         let existing = {
-            let e = self.entries.lock().unwrap();
-            e.get(&id).map(|e| e.record.spec.clone())
+            let mut e = self.entries.lock().unwrap();
+            match e.get(&id) {
+                Some(old) => Some(old.record.spec.clone()),
+                None => {
+                    e.insert(
+                        id,
+                        Entry {
+                            record: record.clone(),
+                            state: BoxState::Pending,
+                            error: None,
+                            shim: None,
+                            lock: lock.clone(),
+                            cpu_prev: None,
+                            cpu_millicores: 0,
+                            disk: None,
+                        },
+                    );
+                    None
+                }
+            }
         };
         if let Some(old) = existing {
             if old != spec {
@@ -377,12 +426,6 @@ impl Boxes {
             }
             return self.start(&id).await;
         }
-        let image = self.images.get(&spec.image).ok_or_else(|| {
-            BoxError::new(
-                "bad_request",
-                format!("image {:?} is not on this runner", spec.image),
-            )
-        })?;
         let dir = self.box_dir(&id);
         let res = (|| -> Result<()> {
             std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -397,34 +440,20 @@ impl Boxes {
                 Some(self.config.box_uid),
             )?;
             std::fs::set_permissions(dir.join("upper"), std::fs::Permissions::from_mode(0o755))?;
-            Ok(())
+            self.save_durably(&id, &record)
         })();
         if let Err(e) = res {
-            let _ = std::fs::remove_dir_all(&dir);
+            // An existing directory is someone else's (an import, a leftover): not ours to remove.
+            if !e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::AlreadyExists)
+            }) {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            self.entries.lock().unwrap().remove(&id);
             return Err(e);
         }
-        let record = BoxRecord {
-            spec,
-            created_at: now_rfc3339(),
-            desired: Desired::Running,
-            placement: None,
-            image_digest: image.digest,
-            last_error: None,
-        };
-        self.save_durably(&id, &record)?;
-        self.entries.lock().unwrap().insert(
-            id,
-            Entry {
-                record,
-                state: BoxState::Pending,
-                error: None,
-                shim: None,
-                lock: Arc::new(tokio::sync::Mutex::new(())),
-                cpu_prev: None,
-                cpu_millicores: 0,
-                disk: None,
-            },
-        );
+        drop(guard);
         self.start(&id).await
     }
 

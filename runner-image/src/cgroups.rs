@@ -662,6 +662,49 @@ mod tests {
         assert_eq!(a.last().unwrap(), "--");
     }
 
+    /// Moving every process of a cgroup into its `agent` leaf, on a real
+    /// cgroup2 hierarchy (this host mounts one without controllers at
+    /// /sys/fs/cgroup/unified; the v1 hierarchies hold the controllers).
+    #[test]
+    fn move_into_leaf_on_a_real_cgroup2_hierarchy() {
+        let root = Path::new("/sys/fs/cgroup/unified");
+        if !root.join("cgroup.procs").exists() {
+            eprintln!("no cgroup2 hierarchy at {}; skipped", root.display());
+            return;
+        }
+        let dir = root.join(format!("boxlite-test-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir(&dir).unwrap();
+        let mut children: Vec<std::process::Child> = (0..3)
+            .map(|_| {
+                std::process::Command::new("sleep")
+                    .arg("30")
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for c in &children {
+            write_file(&dir.join("cgroup.procs"), &c.id().to_string()).unwrap();
+        }
+        let res = move_into_leaf(&dir);
+        let leaf_procs = std::fs::read_to_string(dir.join("agent/cgroup.procs")).unwrap();
+        let left = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+        for c in &mut children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = rmdir_retry(&dir.join("agent"));
+        let _ = rmdir_retry(&dir);
+        res.unwrap();
+        assert!(left.trim().is_empty(), "{left}");
+        for c in &children {
+            assert!(
+                leaf_procs
+                    .split_whitespace()
+                    .any(|p| p == c.id().to_string())
+            );
+        }
+    }
+
     /// The v2 writes, checked against a directory that stands in for cgroupfs
     /// (this host runs cgroup v1, so the real v2 files are not available).
     #[test]

@@ -123,7 +123,26 @@ async fn agent_sigkill_keeps_boxes_and_sessions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_start_and_delete_keep_state_until_deleted() {
     let r = Runner::start(Options::default()).await;
-    let id = r.create_box(128, false).await;
+    // The same create arriving twice at once (a retried action) builds one box.
+    let id = uuid::Uuid::new_v4();
+    let create = AdminRequest::Create {
+        spec: common::spec(id, 128, false),
+    };
+    let sock = r.admin_socket();
+    let (a, b) = tokio::join!(
+        runner_image::admin::call(&sock, &create),
+        runner_image::admin::call(&sock, &create)
+    );
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(r.status().await.boxes.len(), 1);
+    // A different spec under the same id is a conflict.
+    let mut other = common::spec(id, 256, false);
+    other.network = true;
+    let e = runner_image::admin::call(&r.admin_socket(), &AdminRequest::Create { spec: other })
+        .await
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("different spec"), "{e:#}");
     r.sh(id, "echo kept > /root/data; rm /etc/os-release").await;
     r.admin(AdminRequest::Stop { id }).await;
     let st = r.status().await;
