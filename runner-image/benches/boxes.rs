@@ -11,7 +11,8 @@
 //!   MemAvailable divided by the number of boxes.
 //!
 //! Goals: create → first exec p50 < 30 ms, exec round trip p50 < 5 ms.
-//! Environment: `BOXES=N` (default 100), `EXECS=N` (default 500). Needs root.
+//! Environment: `BOXES=N` (default 100), `EXECS=N` (default 500),
+//! `BENCH_LOG` (agent log filter), `BENCH_LOG_FILE` (keep the agent log). Needs root.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -188,12 +189,18 @@ async fn run() {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let log_path = std::env::var("BENCH_LOG_FILE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| dir.path().join("agent.log"));
+    let log = std::fs::File::create(&log_path).unwrap();
     let mut agent = Command::new(env!("CARGO_BIN_EXE_boxlite-runner"))
         .arg("--config")
         .arg(&cfg)
         .current_dir(dir.path())
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)

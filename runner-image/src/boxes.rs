@@ -194,18 +194,12 @@ impl Boxes {
         self.layout.box_dir(id)
     }
 
-    /// Persist a box's record. The spec is written durably when the box is
-    /// created; later updates (placement, desired state) only need atomicity.
+    /// Persist a box's record: an atomic replace, without fsync. Losing the
+    /// last update to a power loss is harmless: the boxes are gone then too,
+    /// the control plane re-sends what it wants (level-triggered), and a box
+    /// directory left without a record is replaced by the next create.
     fn save(&self, id: &Uuid, rec: &BoxRecord) -> Result<()> {
         sys::write_atomic_nosync(
-            &self.box_dir(id).join("box.json"),
-            &serde_json::to_vec_pretty(rec)?,
-            0o600,
-        )
-    }
-
-    fn save_durably(&self, id: &Uuid, rec: &BoxRecord) -> Result<()> {
-        sys::write_atomic(
             &self.box_dir(id).join("box.json"),
             &serde_json::to_vec_pretty(rec)?,
             0o600,
@@ -427,6 +421,12 @@ impl Boxes {
             return self.start(&id).await;
         }
         let dir = self.box_dir(&id);
+        // A directory without a record is what a crash (or power loss) during
+        // an earlier create of this id leaves: nothing refers to it.
+        if !dir.join("box.json").exists() && dir.exists() {
+            tracing::warn!(%id, "removing an unfinished box directory");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         let res = (|| -> Result<()> {
             std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
@@ -440,7 +440,7 @@ impl Boxes {
                 Some(self.config.box_uid),
             )?;
             std::fs::set_permissions(dir.join("upper"), std::fs::Permissions::from_mode(0o755))?;
-            self.save_durably(&id, &record)
+            self.save(&id, &record)
         })();
         if let Err(e) = res {
             // An existing directory is someone else's (an import, a leftover): not ours to remove.
@@ -563,9 +563,11 @@ impl Boxes {
             ),
             _ => (vec![exe], vec![]),
         };
+        let t0 = Instant::now();
         let info = crate::shim::launch(&program, &prefix, &dir, &dir.join("shim.log"))
             .await
             .with_context(|| format!("starting box {id}"))?;
+        tracing::debug!(%id, shim_ms = t0.elapsed().as_secs_f64() * 1e3, "shim ready");
         record.placement = Some(match placement {
             Placement::SystemdScope { unit, .. } => Placement::SystemdScope {
                 unit,

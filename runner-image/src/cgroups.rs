@@ -617,7 +617,25 @@ fn setup_v2_subtree(r: &Path, limits: &Limits) -> Result<()> {
     std::fs::create_dir_all(&shim)
         .with_context(|| format!("creating cgroup {}", shim.display()))?;
     write_file(&shim.join("cgroup.procs"), "0")?;
-    enable_controllers(r)?;
+    // The process that started the shim may still be in `R` for a moment
+    // (it exits right after forking): retry while the kernel says busy.
+    let mut tries = 0;
+    loop {
+        match enable_controllers(r) {
+            Ok(()) => break,
+            Err(e)
+                if tries < 100
+                    && e.chain().any(|c| {
+                        c.downcast_ref::<std::io::Error>()
+                            .is_some_and(|io| io.raw_os_error() == Some(libc::EBUSY))
+                    }) =>
+            {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let b = r.join("box");
     std::fs::create_dir_all(&b).with_context(|| format!("creating cgroup {}", b.display()))?;
     write_file(&b.join("memory.max"), &limits.memory_bytes.to_string())?;

@@ -107,17 +107,26 @@ fn setup(
     box_dir: &Path,
     mut launch: BoxLaunch,
 ) -> Result<(Rc<Shim>, std::os::unix::net::UnixListener)> {
+    let t0 = Instant::now();
     let _ = std::fs::write("/proc/self/oom_score_adj", "-900");
     sandbox::ensure_mount_base()?;
     sandbox::enter_private_mount_ns()?;
     let root = sandbox::mount_overlay(&launch)?;
+    let t_mount = t0.elapsed();
     launch
         .placement
         .create(&launch.limits)
         .context("creating the box's cgroups")?;
+    let t_cgroup = t0.elapsed();
     let policy = crate::seccomp::Policy::compile()?;
     let stderr = std::io::stderr().as_raw_fd();
     let started = sandbox::start_box(&launch, &root, &policy, stderr)?;
+    tracing::debug!(
+        mount_ms = t_mount.as_secs_f64() * 1e3,
+        cgroup_ms = (t_cgroup - t_mount).as_secs_f64() * 1e3,
+        bwrap_ms = (t0.elapsed() - t_cgroup).as_secs_f64() * 1e3,
+        "box set up"
+    );
     let handle = match BoxHandle::open(started.pid1, &launch, policy) {
         Ok(h) => h,
         Err(e) => {
