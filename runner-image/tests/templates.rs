@@ -25,6 +25,7 @@ const SLICE: Template = tpl!("runner/boxlite.slice");
 const PROFILE: Template = tpl!("runner/bwrap-userns-restrict");
 const CONFIG: Template = tpl!("runner/runner.toml");
 const BOOTSTRAP: Template = tpl!("runner/bootstrap.sh");
+const EGRESS: Template = tpl!("runner/box-egress.nft");
 
 /// Every variable the runner templates use, with sample values.
 fn vars() -> BTreeMap<&'static str, String> {
@@ -103,6 +104,7 @@ fn cloud_init_is_valid_and_carries_exact_copies_of_the_files() {
         ("/etc/systemd/system/boxlite-runner.service", &UNIT),
         ("/etc/boxlite/runner.toml", &CONFIG),
         ("/usr/local/lib/boxlite/bootstrap.sh", &BOOTSTRAP),
+        ("/etc/boxlite/box-egress.nft", &EGRESS),
     ] {
         assert_eq!(
             written_file(&ci, path),
@@ -111,7 +113,7 @@ fn cloud_init_is_valid_and_carries_exact_copies_of_the_files() {
             t.name
         );
     }
-    for pkg in ["bubblewrap", "busybox-static"] {
+    for pkg in ["bubblewrap", "busybox-static", "nftables"] {
         assert!(ci.contains(&format!("  - {pkg}\n")), "{pkg} not installed");
     }
     // The host-wide user namespace restriction stays on.
@@ -119,6 +121,27 @@ fn cloud_init_is_valid_and_carries_exact_copies_of_the_files() {
     assert!(!ci.contains("apparmor_restrict_unprivileged_userns = 0"));
     assert!(!ci.contains("apparmor_restrict_unprivileged_userns=0"));
     assert!(ci.contains("runcmd:\n  - [/usr/local/lib/boxlite/bootstrap.sh]"));
+}
+
+/// Networked boxes share the host's network namespace: the firewall keeps
+/// the box uid away from the instance metadata service (the host's credentials).
+#[test]
+fn boxes_are_kept_from_the_instance_metadata_service() {
+    let nft = render(&EGRESS);
+    let uid = runner_image::config::DEFAULT_BOX_UID;
+    assert!(
+        nft.contains(&format!("meta skuid {uid} ip daddr 169.254.169.254 reject")),
+        "{nft}"
+    );
+    assert!(
+        nft.contains(&format!("meta skuid {uid} ip6 daddr fd00:ec2::254 reject")),
+        "{nft}"
+    );
+    assert!(nft.contains("hook output"));
+    let b = render(&BOOTSTRAP);
+    assert!(b.contains("nft -f /etc/boxlite/box-egress.nft"));
+    // Loaded before the runner (and its boxes) start.
+    assert!(b.find("nft -f").unwrap() < b.find("systemctl enable --now boxlite-runner").unwrap());
 }
 
 #[test]

@@ -19,6 +19,12 @@ apparmor_parser -r -W /etc/apparmor.d/bwrap-userns-restrict || fail "loading the
 restrict="$(sysctl -n kernel.apparmor_restrict_unprivileged_userns 2>/dev/null || echo 1)"
 [ "$restrict" = 1 ] || fail "kernel.apparmor_restrict_unprivileged_userns must stay 1"
 
+step "   boxes never reach the instance metadata service"
+grep -qF 'include "/etc/boxlite/box-egress.nft"' /etc/nftables.conf 2>/dev/null \
+  || echo 'include "/etc/boxlite/box-egress.nft"' >> /etc/nftables.conf
+nft -f /etc/boxlite/box-egress.nft || fail "loading /etc/boxlite/box-egress.nft"
+systemctl enable nftables.service
+
 step "3/5 AWS CLI (artifact and token come from this stage's AWS account)"
 command -v aws >/dev/null || snap install aws-cli --classic || fail "installing the AWS CLI"
 
