@@ -159,6 +159,10 @@ impl Boxes {
             std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
             std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
         }
+        // Exports and imports a previous agent process did not finish.
+        for e in std::fs::read_dir(layout.tmp())?.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
         Ok(Boxes {
             images: ImageStore::new(&config.image_dir, config.box_uid),
             config: config.clone(),

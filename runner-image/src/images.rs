@@ -121,10 +121,16 @@ impl ImageStore {
             .with_context(|| format!("creating image store {}", self.dir.display()))?;
         // Nobody but root walks the store: boxes see their image only through overlayfs.
         std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))?;
-        // Leftovers of an interrupted build or import.
+        // Leftovers of an interrupted build or import (not one running right now).
         if let Ok(rd) = std::fs::read_dir(&self.dir) {
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with(".staging-") {
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > std::time::Duration::from_secs(24 * 3600));
+                if old && e.file_name().to_string_lossy().starts_with(".staging-") {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }

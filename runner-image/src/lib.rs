@@ -17,6 +17,8 @@
 //! - [`upgrade`]: releases, self-upgrade with verification and rollback;
 //! - [`agent`]: start-up and the main loop.
 
+#![warn(missing_docs)]
+
 pub mod admin;
 pub mod agent;
 pub mod api;
