@@ -551,10 +551,11 @@ impl Boxes {
         )?;
         // overlayfs refuses a work directory left from an unclean stop.
         let work = dir.join("work");
-        if work.exists() {
+        let fresh = std::fs::read_dir(&work).is_ok_and(|mut d| d.next().is_none());
+        if !fresh {
             let _ = std::fs::remove_dir_all(&work);
+            std::fs::create_dir_all(&work)?;
         }
-        std::fs::create_dir_all(&work)?;
         let exe = if self.exe.exists() {
             self.exe.clone()
         } else {

@@ -80,15 +80,26 @@ pub fn run(box_dir: &Path, ready_fd: Option<RawFd>) -> Result<()> {
     };
     match setup(box_dir, launch) {
         Ok((shim, listener)) => {
-            let info = shim.info();
-            report(ready, serde_json::json!({"ok": true, "info": info}));
-            tracing::info!(box_id = %shim.launch.id, pid1 = shim.pid1, "box started");
-            let rt = tokio::runtime::Builder::new_current_thread()
+            let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .context("starting the shim runtime")?;
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    report(
+                        ready,
+                        serde_json::json!({"ok": false, "error": format!("starting the shim runtime: {e}")}),
+                    );
+                    // The box dies with us (bubblewrap --die-with-parent).
+                    std::process::exit(1);
+                }
+            };
             let local = tokio::task::LocalSet::new();
-            let code = local.block_on(&rt, serve(shim, listener));
+            // Ready is reported from inside the runtime, once connections are served.
+            let on_ready = move |info: ShimInfo| {
+                report(ready, serde_json::json!({"ok": true, "info": info}));
+            };
+            let code = local.block_on(&rt, serve(shim, listener, on_ready));
             std::process::exit(code);
         }
         Err(e) => {
@@ -727,7 +738,11 @@ fn finish(shim: &Shim, code: i32) -> ! {
     std::process::exit(code);
 }
 
-async fn serve(shim: Rc<Shim>, listener: std::os::unix::net::UnixListener) -> i32 {
+async fn serve(
+    shim: Rc<Shim>,
+    listener: std::os::unix::net::UnixListener,
+    on_ready: impl FnOnce(ShimInfo),
+) -> i32 {
     let listener = match tokio::net::UnixListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -753,6 +768,8 @@ async fn serve(shim: Rc<Shim>, listener: std::os::unix::net::UnixListener) -> i3
         }
     }
     shim.reap();
+    on_ready(shim.info());
+    tracing::info!(box_id = %shim.launch.id, pid1 = shim.pid1, "box started");
     let mut janitor = tokio::time::interval(Duration::from_secs(30));
     let mut box_rx = shim.tick.subscribe();
     loop {
