@@ -1,1 +1,44 @@
-//! placeholder
+//! `boxlite-runner`: the agent that runs isolated boxes on a runner host.
+//!
+//! Map of the crate:
+//! - [`config`]: `runner.toml` and the state directory layout;
+//! - [`images`], [`layers`]: the image store (busybox default image, OCI
+//!   layout import) and safe application of tar layers;
+//! - [`cgroups`]: memory/CPU/pids limits on cgroup v1 and v2 (systemd scopes);
+//! - [`seccomp`], [`init_elf`], [`sandbox`]: bubblewrap, the seccomp policy,
+//!   the box's PID 1, entering a running box;
+//! - [`shim`], [`ipc`]: the per-box process that owns a box and its exec
+//!   sessions and outlives the agent, and the protocol to talk to it;
+//! - [`boxes`]: lifecycle, persistence and re-adoption;
+//! - [`exec`]: one-shot exec and the exec WebSocket;
+//! - [`export`]: box archives (export/import with SHA-256);
+//! - [`api`], [`admin`], [`health`]: the HTTP API for the control plane, the
+//!   local admin socket, and the healthcheck loop;
+//! - [`upgrade`]: releases, self-upgrade with verification and rollback;
+//! - [`agent`]: start-up and the main loop.
+
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod agent;
+pub mod api;
+pub mod boxes;
+pub mod cgroups;
+pub mod config;
+pub mod exec;
+pub mod export;
+pub mod health;
+pub mod images;
+pub mod init_elf;
+pub mod ipc;
+pub mod layers;
+pub mod sandbox;
+pub mod seccomp;
+pub mod shim;
+pub mod sys;
+pub mod upgrade;
+
+/// Version of this binary.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// File name of the binary inside a release directory.
+pub const BINARY_NAME: &str = "boxlite-runner";

@@ -1,0 +1,264 @@
+//! The agent: start-up, the services it runs, shutdown and re-exec.
+//!
+//! Start-up order: take the state directory's agent lock, prepare cgroups
+//! (on v2 without systemd this moves the agent into a leaf first), build the
+//! default image if missing, re-adopt boxes whose shims answer, then serve
+//! the HTTP API, the admin socket and the healthcheck loop.
+//!
+//! SIGTERM and SIGINT stop the agent only — boxes and their sessions live in
+//! their shims. SIGUSR2 (or the admin `reexec` request) re-executes the
+//! binary `<state>/current` points to, keeping the pid: this is how an
+//! upgrade restarts the agent where no service manager does it.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::sync::Notify;
+
+use crate::admin::{AdminStatus, Supervisor};
+use crate::boxes::Boxes;
+use crate::cgroups::Hierarchy;
+use crate::config::Config;
+use crate::sys;
+
+/// Test hook: when set to the SHA-256 of the running binary, health reports
+/// `degraded` (503). Lets tests build a release that fails its health check.
+pub const UNHEALTHY_IF_SHA256_ENV: &str = "BOXLITE_RUNNER_UNHEALTHY_IF_SHA256";
+
+/// The running agent.
+pub struct Agent {
+    /// Configuration.
+    pub config: Config,
+    /// Boxes.
+    pub boxes: Boxes,
+    /// When this process (image) started.
+    pub started: Instant,
+    api_key: RwLock<Option<String>>,
+    binary_sha256: OnceLock<String>,
+    exe: PathBuf,
+    start_time: u64,
+    supervisor: Supervisor,
+    unhealthy: AtomicBool,
+    wake: Notify,
+    args: Vec<OsString>,
+}
+
+/// How this process is supervised (systemd service or not).
+pub fn detect_supervisor() -> Supervisor {
+    if std::env::var_os("INVOCATION_ID").is_some()
+        && let Ok(cg) = std::fs::read_to_string("/proc/self/cgroup")
+    {
+        for line in cg.lines() {
+            let path = line.rsplit(':').next().unwrap_or("");
+            // The agent may have moved itself into a leaf below its unit.
+            for comp in path.split('/').rev() {
+                if comp.ends_with(".service") {
+                    return Supervisor::Systemd {
+                        unit: comp.to_string(),
+                    };
+                }
+            }
+        }
+    }
+    Supervisor::Local
+}
+
+impl Agent {
+    /// The bearer key the control plane uses, if any.
+    pub fn api_key(&self) -> Option<String> {
+        self.api_key.read().unwrap().clone()
+    }
+
+    /// Store a new API key (persisted with mode 0600) when it changed.
+    pub fn set_api_key(&self, key: &str) -> Result<()> {
+        if self.api_key.read().unwrap().as_deref() == Some(key) {
+            return Ok(());
+        }
+        crate::health::valid_api_key(key)?;
+        sys::write_atomic(&self.config.layout().api_key(), key.as_bytes(), 0o600)?;
+        *self.api_key.write().unwrap() = Some(key.to_string());
+        tracing::info!("received a new API key from the control plane");
+        Ok(())
+    }
+
+    /// SHA-256 of the running binary, once computed.
+    pub fn binary_sha256(&self) -> Option<String> {
+        self.binary_sha256.get().cloned()
+    }
+
+    /// False when the agent should not be considered healthy.
+    pub fn healthy(&self) -> bool {
+        !self.unhealthy.load(Ordering::Relaxed)
+    }
+
+    /// Ask the healthcheck loop to report now.
+    pub fn wake_healthcheck(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Resolves when someone asked for an early healthcheck.
+    pub async fn healthcheck_wakeup(&self) {
+        self.wake.notified().await;
+    }
+
+    /// The admin `status` answer.
+    pub fn status(&self) -> AdminStatus {
+        AdminStatus {
+            name: self.config.name.clone(),
+            version: crate::VERSION.to_string(),
+            binary_sha256: self.binary_sha256(),
+            exe: self.exe.clone(),
+            pid: std::process::id(),
+            start_time: self.start_time,
+            listen: self.config.listen.to_string(),
+            supervisor: self.supervisor.clone(),
+            cgroups: self.boxes.hierarchy().describe(),
+            boxes: self.boxes.list(),
+        }
+    }
+
+    /// The binary a re-exec would run, if it is usable.
+    pub fn check_reexec(&self) -> Result<PathBuf> {
+        let p = self.config.layout().current_binary();
+        let meta = std::fs::metadata(&p).with_context(|| format!("{} is missing", p.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+            bail!("{} is not an executable file", p.display());
+        }
+        Ok(p)
+    }
+
+    /// Replace this process with `path`, same pid and arguments. Returns only if exec failed.
+    pub fn reexec(&self, path: PathBuf) {
+        use std::os::unix::process::CommandExt;
+        tracing::info!("re-executing {}", path.display());
+        let err = std::process::Command::new(&path)
+            .args(self.args.iter().skip(1))
+            .env_remove(crate::upgrade::EXEC_HOPS_ENV)
+            .exec();
+        tracing::error!(
+            "re-exec of {} failed: {err}; still running the old binary",
+            path.display()
+        );
+    }
+}
+
+/// Run the agent until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> Result<()> {
+    let layout = config.layout();
+    std::fs::create_dir_all(layout.root())
+        .with_context(|| format!("creating state dir {}", layout.root().display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(layout.root(), std::fs::Permissions::from_mode(0o700))?;
+    let _lock = sys::try_lock(&layout.agent_lock())?.ok_or_else(|| {
+        anyhow!(
+            "another boxlite-runner is already running with state dir {}",
+            layout.root().display()
+        )
+    })?;
+    if !config.bwrap_path.exists() {
+        bail!(
+            "bubblewrap not found at {} (install the bubblewrap package)",
+            config.bwrap_path.display()
+        );
+    }
+    crate::seccomp::self_check()?;
+    let hierarchy = Hierarchy::setup(&config).context("preparing cgroups")?;
+    tracing::info!("{}", hierarchy.describe());
+    let exe = std::fs::read_link("/proc/self/exe").context("resolving /proc/self/exe")?;
+    let boxes = Boxes::new(&config, hierarchy, exe.clone())?;
+    let images = boxes.images().clone();
+    let busybox = config.busybox_path.clone();
+    tokio::task::spawn_blocking(move || images.ensure_default(&busybox))
+        .await
+        .map_err(|e| anyhow!("{e}"))?
+        .context("building the default image")?;
+    boxes.adopt_all().await?;
+    tracing::info!(
+        adopted = boxes.adopted(),
+        total = boxes.ids().len(),
+        "boxes loaded"
+    );
+    let api_key = std::fs::read_to_string(layout.api_key())
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let agent = Arc::new(Agent {
+        config: config.clone(),
+        boxes,
+        started: Instant::now(),
+        api_key: RwLock::new(api_key),
+        binary_sha256: OnceLock::new(),
+        start_time: sys::process_start_time(std::process::id()).unwrap_or(0),
+        exe: exe.clone(),
+        supervisor: detect_supervisor(),
+        unhealthy: AtomicBool::new(false),
+        wake: Notify::new(),
+        args: std::env::args_os().collect(),
+    });
+    // The binary's identity: from the release's checksum file, else hashed in the background.
+    {
+        let a = agent.clone();
+        tokio::spawn(async move {
+            let sha = match crate::upgrade::release_sha256_of(&a.exe) {
+                Some(s) => Ok(s),
+                None => {
+                    let exe = a.exe.clone();
+                    tokio::task::spawn_blocking(move || sys::sha256_file(&exe))
+                        .await
+                        .map_err(|e| anyhow!("{e}"))
+                        .and_then(|r| r)
+                }
+            };
+            match sha {
+                Ok(s) => {
+                    if std::env::var(UNHEALTHY_IF_SHA256_ENV).ok().as_deref() == Some(s.as_str()) {
+                        tracing::warn!(
+                            "{UNHEALTHY_IF_SHA256_ENV} matches this binary: reporting unhealthy"
+                        );
+                        a.unhealthy.store(true, Ordering::Relaxed);
+                    }
+                    let _ = a.binary_sha256.set(s);
+                }
+                Err(e) => tracing::warn!("hashing the running binary: {e:#}"),
+            }
+        });
+    }
+    let mut admin = tokio::spawn(crate::admin::serve(agent.clone(), layout.admin_socket()));
+    tokio::spawn(crate::health::run(agent.clone()));
+    let app = crate::api::router(agent.clone());
+    let mut server = tokio::spawn(async move { axum::serve(listener, app).await });
+    tracing::info!(
+        name = %config.name,
+        listen = %config.listen,
+        pid = std::process::id(),
+        version = crate::VERSION,
+        "boxlite-runner serving"
+    );
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = usr2.recv() => match agent.check_reexec() {
+                Ok(p) => agent.reexec(p),
+                Err(e) => tracing::error!("SIGUSR2: cannot re-exec: {e:#}"),
+            },
+            r = &mut admin => bail!("the admin socket stopped: {r:?}"),
+            r = &mut server => bail!("the HTTP server stopped: {r:?}"),
+        }
+    }
+    tracing::info!("stopping the agent; boxes keep running");
+    let _ = std::fs::remove_file(layout.admin_socket());
+    Ok(())
+}

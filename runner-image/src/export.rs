@@ -1,0 +1,370 @@
+//! Box archives: export a box's writable layer and metadata, import it back
+//! under the same box id — on this runner or any other.
+//!
+//! Format (`.tar.gz`): first entry `boxlite-export.json` ([`ExportMeta`]),
+//! then the overlay upper directory under `upper/` with OCI whiteouts and
+//! ownership relative to the box uid. The SHA-256 of the whole archive is
+//! computed while it is written; import hashes the body while storing it and
+//! refuses a mismatch before touching anything. A running box is frozen
+//! (cgroup freezer) while its layer is read, so the archive is consistent.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::{Stream, StreamExt};
+use protocol::{BoxReport, BoxSpec, BoxState, Resources};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use uuid::Uuid;
+
+use crate::boxes::{BoxError, BoxRecord, Boxes, Desired};
+use crate::layers::{self, ApplyOptions, WhiteoutMode};
+use crate::sys;
+
+/// Name of the metadata entry.
+pub const META_ENTRY: &str = "boxlite-export.json";
+/// Archive format version.
+pub const FORMAT: u32 = 1;
+/// Largest archive accepted by import.
+pub const MAX_ARCHIVE: u64 = 64 << 30;
+
+/// `boxlite-export.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportMeta {
+    /// Format version.
+    pub format: u32,
+    /// Box id.
+    pub box_id: Uuid,
+    /// Spec.
+    pub spec: BoxSpec,
+    /// Image digest the box was created from.
+    pub image_digest: String,
+    /// Creation time of the box.
+    pub created_at: String,
+    /// When the archive was written.
+    pub exported_at: String,
+    /// Runner that wrote it.
+    pub source_runner: String,
+}
+
+/// A finished export: a temporary file (deleted on drop) and its checksum.
+pub struct Export {
+    /// The archive.
+    pub path: PathBuf,
+    /// SHA-256, lower-case hex.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Writes through to a file while hashing.
+struct HashingWriter {
+    f: std::fs::File,
+    h: Sha256,
+    n: u64,
+}
+
+impl Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.f.write(buf)?;
+        self.h.update(&buf[..n]);
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.f.flush()
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Export a box (running or stopped).
+pub async fn export(boxes: &Boxes, id: &Uuid) -> Result<Export> {
+    let lock = boxes.lock_of(id).ok_or_else(|| {
+        anyhow::Error::from(BoxError::new(
+            "not_found",
+            format!("no box {id} on this runner"),
+        ))
+    })?;
+    let _g = lock.lock().await;
+    let record = boxes
+        .record(id)
+        .ok_or_else(|| anyhow::Error::from(BoxError::new("not_found", format!("no box {id}"))))?;
+    let meta = ExportMeta {
+        format: FORMAT,
+        box_id: *id,
+        spec: record.spec.clone(),
+        image_digest: record.image_digest.clone(),
+        created_at: record.created_at.clone(),
+        exported_at: now_rfc3339(),
+        source_runner: boxes.config().name.clone(),
+    };
+    let upper = boxes.dir_of(id).join("upper");
+    let owner = boxes.config().box_uid;
+    let path = boxes
+        .config()
+        .layout()
+        .tmp()
+        .join(format!("export-{id}-{:08x}.tar.gz", rand::random::<u32>()));
+    let placement = boxes.placement(id);
+    let frozen = match &placement {
+        Some(p) => p.set_frozen(true).unwrap_or_else(|e| {
+            tracing::warn!(%id, "could not freeze the box for export: {e:#}");
+            false
+        }),
+        None => false,
+    };
+    let p2 = path.clone();
+    let res = tokio::task::spawn_blocking(move || -> Result<(String, u64)> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p2)?;
+        let w = HashingWriter {
+            f,
+            h: Sha256::new(),
+            n: 0,
+        };
+        let gz = flate2::write::GzEncoder::new(w, flate2::Compression::fast());
+        let mut b = tar::Builder::new(gz);
+        let json = serde_json::to_vec_pretty(&meta)?;
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o600);
+        h.set_size(json.len() as u64);
+        b.append_data(&mut h, META_ENTRY, &json[..])?;
+        layers::write_upper(&mut b, &upper, "upper", owner)?;
+        let gz = b.into_inner()?;
+        let mut w = gz.finish()?;
+        w.flush()?;
+        w.f.sync_all()?;
+        Ok((hex::encode(w.h.finalize()), w.n))
+    })
+    .await
+    .map_err(|e| anyhow!("{e}"));
+    if frozen && let Some(p) = &placement {
+        let _ = p.set_frozen(false);
+    }
+    match res.and_then(|r| r) {
+        Ok((sha256, size)) => Ok(Export { path, sha256, size }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            Err(e.context(format!("exporting box {id}")))
+        }
+    }
+}
+
+/// Import an archive streamed as `body` as box `id`, checking `expected_sha256` first.
+/// The box is registered stopped; nothing changes when anything fails.
+pub async fn import<S, E>(
+    boxes: &Boxes,
+    id: &Uuid,
+    expected_sha256: &str,
+    mut body: S,
+) -> Result<BoxReport>
+where
+    S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let expected = expected_sha256.trim().to_ascii_lowercase();
+    if !sys::is_sha256_hex(&expected) {
+        return Err(BoxError::new("bad_request", "x-boxlite-sha256 must be 64 hex digits").into());
+    }
+    if boxes.exists(id) {
+        return Err(BoxError::new(
+            "conflict",
+            format!("box {id} already exists on this runner; delete it first"),
+        )
+        .into());
+    }
+    let tmp = boxes
+        .config()
+        .layout()
+        .tmp()
+        .join(format!("import-{id}-{:08x}.tar.gz", rand::random::<u32>()));
+    let guard = TempFile(tmp.clone());
+    let mut f = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .await?;
+    let mut h = Sha256::new();
+    let mut n: u64 = 0;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| anyhow!("reading the request body: {e}"))?;
+        n += chunk.len() as u64;
+        if n > MAX_ARCHIVE {
+            return Err(BoxError::new("bad_request", "archive too large").into());
+        }
+        h.update(&chunk);
+        f.write_all(&chunk).await?;
+    }
+    f.flush().await?;
+    drop(f);
+    let actual = hex::encode(h.finalize());
+    if actual != expected {
+        return Err(BoxError::new(
+            "checksum_mismatch",
+            format!("archive SHA-256 is {actual}, expected {expected}; nothing was imported"),
+        )
+        .into());
+    }
+    let boxes_dir = boxes.config().layout().boxes();
+    let staging = boxes_dir.join(format!(".import-{id}-{:08x}", rand::random::<u32>()));
+    let owner = boxes.config().box_uid;
+    let images = boxes.images().clone();
+    let id2 = *id;
+    let tmp2 = tmp.clone();
+    let st2 = staging.clone();
+    let res = tokio::task::spawn_blocking(move || restore(&tmp2, &st2, &id2, owner, &images))
+        .await
+        .map_err(|e| anyhow!("{e}"))
+        .and_then(|r| r);
+    let record = match res {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    drop(guard);
+    // Someone may have created the same id meanwhile: rename refuses to replace a directory.
+    let dest = boxes.dir_of(id);
+    if boxes.exists(id) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(BoxError::new("conflict", format!("box {id} appeared meanwhile")).into());
+    }
+    if let Err(e) = std::fs::rename(&staging, &dest) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(anyhow::Error::new(e).context("moving the imported box into place"));
+    }
+    sys::fsync_dir(&boxes_dir);
+    boxes.register_imported(*id, record);
+    Ok(BoxReport {
+        id: *id,
+        state: BoxState::Stopped,
+        usage: Resources::default(),
+        error: None,
+    })
+}
+
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Unpack a verified archive into `staging` (a new box directory).
+fn restore(
+    archive: &Path,
+    staging: &Path,
+    id: &Uuid,
+    owner: u32,
+    images: &crate::images::ImageStore,
+) -> Result<BoxRecord> {
+    let invalid = |m: String| -> anyhow::Error { BoxError::new("bad_request", m).into() };
+    // Pass 1: the metadata entry comes first.
+    let meta: ExportMeta = {
+        let mut a = tar::Archive::new(flate2::read::GzDecoder::new(std::fs::File::open(archive)?));
+        let mut entries = a
+            .entries()
+            .map_err(|e| invalid(format!("not a box archive: {e}")))?;
+        let mut first = entries
+            .next()
+            .ok_or_else(|| invalid("empty archive".into()))?
+            .map_err(|e| invalid(format!("not a box archive: {e}")))?;
+        if first.path_bytes().as_ref() != META_ENTRY.as_bytes() {
+            return Err(invalid(format!(
+                "not a box archive: first entry is not {META_ENTRY}"
+            )));
+        }
+        let mut v = Vec::new();
+        (&mut first).take(1 << 20).read_to_end(&mut v)?;
+        serde_json::from_slice(&v).map_err(|e| invalid(format!("bad {META_ENTRY}: {e}")))?
+    };
+    if meta.format != FORMAT {
+        return Err(invalid(format!(
+            "archive format {} is not supported",
+            meta.format
+        )));
+    }
+    if meta.box_id != *id || meta.spec.id != *id {
+        return Err(invalid(format!(
+            "the archive holds box {}, not {id}",
+            meta.box_id
+        )));
+    }
+    crate::boxes::validate_spec(&meta.spec)?;
+    let image = images.get(&meta.spec.image).ok_or_else(|| {
+        BoxError::new(
+            "bad_request",
+            format!("image {:?} is not on this runner", meta.spec.image),
+        )
+    })?;
+    if !meta.image_digest.is_empty() && image.digest != meta.image_digest {
+        tracing::warn!(%id, "image {:?} differs from the exporting runner's ({} vs {})", meta.spec.image, image.digest, meta.image_digest);
+    }
+    // Pass 2: everything, into the staging directory.
+    std::fs::create_dir(staging)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(staging, std::fs::Permissions::from_mode(0o700))?;
+    let a = flate2::read::GzDecoder::new(std::fs::File::open(archive)?);
+    layers::apply(
+        a,
+        staging,
+        &ApplyOptions {
+            whiteouts: WhiteoutMode::Overlay,
+            owner,
+            max_bytes: MAX_ARCHIVE * 4,
+            max_entries: 10_000_000,
+        },
+    )
+    .map_err(|e| invalid(format!("{e:#}")))?;
+    // Nothing but the metadata and the layer may come out of an archive.
+    for e in std::fs::read_dir(staging)? {
+        let name = e?.file_name();
+        let name = name.to_string_lossy();
+        if name != META_ENTRY && name != "upper" {
+            bail!(BoxError::new(
+                "bad_request",
+                format!("unexpected {name:?} at the top of the archive")
+            ));
+        }
+    }
+    let _ = std::fs::remove_file(staging.join(META_ENTRY));
+    let upper = staging.join("upper");
+    if !upper.is_dir() {
+        std::fs::create_dir(&upper)?;
+    }
+    std::os::unix::fs::chown(&upper, Some(owner), Some(owner))?;
+    std::fs::create_dir(staging.join("work"))?;
+    let record = BoxRecord {
+        spec: meta.spec,
+        created_at: meta.created_at,
+        desired: Desired::Stopped,
+        placement: None,
+        image_digest: image.digest,
+        last_error: None,
+    };
+    sys::write_atomic(
+        &staging.join("box.json"),
+        &serde_json::to_vec_pretty(&record)?,
+        0o600,
+    )
+    .context("writing box.json")?;
+    Ok(record)
+}

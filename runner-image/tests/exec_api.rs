@@ -1,0 +1,206 @@
+//! Exec: one-shot over HTTP and interactive over WebSocket.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{Options, Runner, Ws};
+use protocol::{ExecControl, ExecRequest, ExecStart};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shot_exec_streams_codes_stdin_env_cwd_and_timeout() {
+    let r = Runner::start(Options::default()).await;
+    let id = r.create_box(128, false).await;
+    let res = r
+        .exec_req(
+            id,
+            ExecRequest {
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "pwd; echo $FOO; cat; echo oops >&2; exit 42".into(),
+                ],
+                env: BTreeMap::from([("FOO".into(), "bar baz".into())]),
+                cwd: Some("/tmp".into()),
+                stdin: Some("from-stdin\n".into()),
+                timeout_secs: None,
+            },
+        )
+        .await;
+    assert_eq!(res.exit_code, 42);
+    assert_eq!(res.stdout, "/tmp\nbar baz\nfrom-stdin\n");
+    assert_eq!(res.stderr, "oops\n");
+    assert!(!res.timed_out);
+    // Default working directory is $HOME; the environment is the box's, not the host's.
+    let (out, _) = r.sh(id, "pwd; echo $HOME; env | sort").await;
+    assert!(out.starts_with("/root\n/root\n"), "{out}");
+    assert!(!out.contains("CARGO") && !out.contains("RUST_LOG"), "{out}");
+    // Not through a shell; missing programs answer like a shell would.
+    let res = r.exec(id, &["no-such-program", "x"]).await;
+    assert_eq!(res.exit_code, 127, "{res:?}");
+    assert!(res.stderr.contains("not found"), "{res:?}");
+    let res = r.exec(id, &["/etc/passwd"]).await;
+    assert_eq!(res.exit_code, 126, "{res:?}");
+    // The timeout kills the process (and its children) and says so.
+    let t0 = std::time::Instant::now();
+    let res = r
+        .exec_req(
+            id,
+            ExecRequest {
+                command: vec!["sh".into(), "-c".into(), "sleep 100 & sleep 100".into()],
+                timeout_secs: Some(1),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(res.timed_out && res.exit_code == 137, "{res:?}");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ps, _) = r.sh(id, "ps -o args | grep -c '^sleep 100'").await;
+    assert_eq!(ps.trim(), "0", "children of a timed-out exec are killed");
+    // Large output arrives whole.
+    let res = r
+        .exec(id, &["sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' a"])
+        .await;
+    assert_eq!(res.stdout.len(), 3_000_000);
+    // Hostile input is refused cleanly.
+    let client = reqwest::Client::new();
+    for body in [
+        serde_json::json!({"command": []}),
+        serde_json::json!({"command": ["a\u{0}b"]}),
+        serde_json::json!({"command": ["true"], "env": {"A=B": "x"}}),
+        serde_json::json!({"nope": 1}),
+    ] {
+        let resp = client
+            .post(format!("{}/api/boxes/{id}/exec", r.url()))
+            .bearer_auth(common::KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
+        let e: protocol::ApiError = resp.json().await.unwrap();
+        assert_eq!(e.code, "bad_request");
+    }
+    let resp = client
+        .post(format!("{}/api/boxes/not-a-uuid/exec", r.url()))
+        .bearer_auth(common::KEY)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let resp = client
+        .post(format!(
+            "{}/api/boxes/{}/exec",
+            r.url(),
+            uuid::Uuid::new_v4()
+        ))
+        .bearer_auth(common::KEY)
+        .json(&serde_json::json!({"command": ["true"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_sessions_with_and_without_a_terminal() {
+    let r = Runner::start(Options::default()).await;
+    let id = r.create_box(128, false).await;
+    // Default: a login shell in $HOME with a terminal.
+    let (mut ws, _) = Ws::open(
+        &r,
+        id,
+        &ExecStart {
+            tty: true,
+            rows: Some(40),
+            cols: Some(120),
+            ..Default::default()
+        },
+    )
+    .await;
+    ws.stdin(b"echo \"shell=$0 pwd=$(pwd) tty=$(tty)\"; stty size\n")
+        .await;
+    assert!(ws.read_until("40 120", Duration::from_secs(10)).await);
+    let out = String::from_utf8_lossy(&ws.stdout).into_owned();
+    assert!(out.contains("shell=-ash pwd=/root tty=/dev/pts/0"), "{out}");
+    // Resize reaches the terminal.
+    ws.control(&ExecControl::Resize { rows: 10, cols: 20 })
+        .await;
+    ws.stdin(b"stty size\n").await;
+    assert!(ws.read_until("10 20", Duration::from_secs(10)).await);
+    // A signal interrupts the foreground program.
+    ws.stdin(b"sleep 100\n").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ws.control(&ExecControl::Signal {
+        signal: "INT".into(),
+    })
+    .await;
+    ws.stdin(b"echo after-sleep-$?\n").await;
+    assert!(
+        ws.read_until("after-sleep-130", Duration::from_secs(10))
+            .await,
+        "{}",
+        String::from_utf8_lossy(&ws.stdout)
+    );
+    ws.stdin(b"exit 3\n").await;
+    assert_eq!(ws.exit_code(Duration::from_secs(10)).await, Some(3));
+
+    // Without a terminal: separate stdout/stderr, stdin EOF passes through.
+    let (mut ws, _) = Ws::open(
+        &r,
+        id,
+        &ExecStart {
+            command: vec!["sh".into(), "-c".into(), "wc -c; echo err >&2".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    ws.stdin(b"12345").await;
+    ws.stdin(b"678").await;
+    ws.control(&ExecControl::StdinEof).await;
+    assert_eq!(ws.exit_code(Duration::from_secs(10)).await, Some(0));
+    assert_eq!(String::from_utf8_lossy(&ws.stdout).trim(), "8");
+    assert_eq!(String::from_utf8_lossy(&ws.stderr), "err\n");
+
+    // TERM ends a program that does not read stdin; the code says which signal.
+    let (mut ws, _) = Ws::open(
+        &r,
+        id,
+        &ExecStart {
+            command: vec!["sleep".into(), "100".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    ws.control(&ExecControl::Signal {
+        signal: "TERM".into(),
+    })
+    .await;
+    assert_eq!(ws.exit_code(Duration::from_secs(10)).await, Some(128 + 15));
+
+    // A malformed first message gets an error event, not a hang.
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://127.0.0.1:{}/api/boxes/{id}/exec/ws", r.port)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", common::KEY).parse().unwrap(),
+    );
+    let (mut raw, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    raw.send(tokio_tungstenite::tungstenite::Message::Text(
+        "{not json".into(),
+    ))
+    .await
+    .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), raw.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(m.into_text().unwrap().contains("\"error\""));
+}

@@ -1,0 +1,270 @@
+//! Box lifecycle, persistence, and boxes outliving the agent.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{FakeCp, Options, Runner, Ws};
+use protocol::{BoxState, ExecControl, ExecStart, RunnerAction};
+use runner_image::admin::AdminRequest;
+
+/// SIGKILL the agent while boxes run and an interactive session is open;
+/// start it again: every box is still running and re-adopted, exec works,
+/// and the session can be attached again with its output intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_sigkill_keeps_boxes_and_sessions() {
+    let mut r = Runner::start(Options::default()).await;
+    let ids = [
+        r.create_box(128, false).await,
+        r.create_box(128, false).await,
+        r.create_box(128, false).await,
+    ];
+    for id in &ids {
+        r.sh(*id, &format!("echo {id} > /root/marker")).await;
+    }
+    // An interactive shell with a terminal, left open.
+    let (mut ws, session) = Ws::open(
+        &r,
+        ids[0],
+        &ExecStart {
+            tty: true,
+            rows: Some(30),
+            cols: Some(100),
+            ..Default::default()
+        },
+    )
+    .await;
+    ws.stdin(b"echo before-$((40+2))\n").await;
+    assert!(ws.read_until("before-42", Duration::from_secs(10)).await);
+    // Something the session prints while nobody is attached must not be lost.
+    ws.stdin(b"sleep 1; echo while-detached-$((6*7))\n").await;
+    ws.disconnect().await;
+    let shims_before: Vec<u32> = r
+        .status()
+        .await
+        .boxes
+        .iter()
+        .map(|b| b.shim_pid.unwrap())
+        .collect();
+
+    r.kill9();
+    // Boxes keep running without the agent.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for pid in &shims_before {
+        assert!(
+            runner_image::sys::process_alive(*pid, None),
+            "shim {pid} died with the agent"
+        );
+    }
+    r.spawn().await;
+
+    let h = r.health().await.unwrap().1;
+    assert_eq!(h.health.boxes_adopted, 3, "{h:?}");
+    assert_eq!(h.health.boxes_running, 3);
+    let st = r.status().await;
+    assert!(
+        st.boxes.iter().all(|b| b.state == BoxState::Running),
+        "{st:?}"
+    );
+    for id in &ids {
+        let (out, code) = r.sh(*id, "cat /root/marker").await;
+        assert_eq!((out.trim(), code), (id.to_string().as_str(), 0));
+    }
+    // Attach again: the buffered output is there and the shell still answers.
+    let (mut ws, again) = Ws::open(
+        &r,
+        ids[0],
+        &ExecStart {
+            attach: Some(session.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(again, session);
+    assert!(
+        ws.read_until("while-detached-42", Duration::from_secs(10))
+            .await,
+        "{}",
+        String::from_utf8_lossy(&ws.stdout)
+    );
+    ws.control(&ExecControl::Resize { rows: 33, cols: 77 })
+        .await;
+    ws.stdin(b"stty size; exit 7\n").await;
+    assert_eq!(ws.exit_code(Duration::from_secs(10)).await, Some(7));
+    assert!(String::from_utf8_lossy(&ws.stdout).contains("33 77"));
+    // A finished session cannot be attached any more.
+    let failed = tokio::spawn({
+        let port = r.port;
+        async move {
+            use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+            let mut req = format!("ws://127.0.0.1:{port}/api/boxes/{}/exec/ws", ids[0])
+                .into_client_request()
+                .unwrap();
+            req.headers_mut().insert(
+                "authorization",
+                format!("Bearer {}", common::KEY).parse().unwrap(),
+            );
+            let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+            use futures::{SinkExt, StreamExt};
+            ws.send(tokio_tungstenite::tungstenite::Message::Text(
+                format!(r#"{{"attach":"{session}"}}"#).into(),
+            ))
+            .await
+            .unwrap();
+            let m = ws.next().await.unwrap().unwrap();
+            m.into_text().unwrap().to_string()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(failed.contains("\"error\""), "{failed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_start_and_delete_keep_state_until_deleted() {
+    let r = Runner::start(Options::default()).await;
+    // The same create arriving twice at once (a retried action) builds one box.
+    let id = uuid::Uuid::new_v4();
+    let create = AdminRequest::Create {
+        spec: common::spec(id, 128, false),
+    };
+    let sock = r.admin_socket();
+    let (a, b) = tokio::join!(
+        runner_image::admin::call(&sock, &create),
+        runner_image::admin::call(&sock, &create)
+    );
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(r.status().await.boxes.len(), 1);
+    // A different spec under the same id is a conflict.
+    let mut other = common::spec(id, 256, false);
+    other.network = true;
+    let e = runner_image::admin::call(&r.admin_socket(), &AdminRequest::Create { spec: other })
+        .await
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("different spec"), "{e:#}");
+    r.sh(id, "echo kept > /root/data; rm /etc/os-release").await;
+    r.admin(AdminRequest::Stop { id }).await;
+    let st = r.status().await;
+    assert_eq!(st.boxes[0].state, BoxState::Stopped);
+    assert!(!r.memory_cgroup(&id).exists(), "cgroup removed on stop");
+    // Idempotent.
+    r.admin(AdminRequest::Stop { id }).await;
+    r.admin(AdminRequest::Start { id }).await;
+    r.admin(AdminRequest::Start { id }).await;
+    let (out, _) = r.sh(id, "cat /root/data; ls /etc/os-release 2>&1").await;
+    assert!(out.contains("kept"), "{out}");
+    assert!(
+        out.contains("No such file"),
+        "deletion of an image file persists: {out}"
+    );
+    // The box's own environment (spec env) reaches every process.
+    let (out, _) = r.sh(id, "echo $BOX_GREETING").await;
+    assert_eq!(out.trim(), "hello");
+    r.admin(AdminRequest::Delete { id }).await;
+    assert!(!r.box_dir(&id).exists());
+    assert!(!r.memory_cgroup(&id).exists());
+    assert!(r.status().await.boxes.is_empty());
+    // Deleting again is fine (level-triggered control plane).
+    r.admin(AdminRequest::Delete { id }).await;
+}
+
+/// The healthcheck loop against a fake control plane: token, capacity,
+/// usage from the boxes' cgroups, actions applied, API key persisted and
+/// required by the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_reports_and_applies_actions() {
+    let cp = FakeCp::start("bxr_secret-token", "cp-issued-key").await;
+    let mut r = Runner::start(Options {
+        control_plane: Some(cp.url.clone()),
+        token: Some("bxr_secret-token".into()),
+        no_key: true,
+        ..Default::default()
+    })
+    .await;
+    // Before the first healthcheck answer there is no key: the API refuses.
+    let id = uuid::Uuid::new_v4();
+    let first = cp.wait_for(Duration::from_secs(15), |_| true).await;
+    assert_eq!(first.address, r.url());
+    assert_eq!(first.version, runner_image::VERSION);
+    assert!(first.capacity.cpu_millicores >= 1000);
+    assert!(first.capacity.memory_mib > 0 && first.capacity.disk_mib > 0);
+    assert_eq!(
+        std::fs::read_to_string(r.state.join("api_key")).unwrap(),
+        "cp-issued-key"
+    );
+    cp.set_actions(vec![RunnerAction::Create {
+        spec: common::spec(id, 96, false),
+    }]);
+    let rep = cp
+        .wait_for(Duration::from_secs(30), |h| {
+            h.boxes
+                .iter()
+                .any(|b| b.id == id && b.state == BoxState::Running)
+        })
+        .await;
+    assert_eq!(rep.boxes.len(), 1);
+    // Usage comes from the box's cgroup: make it use memory and see it reported.
+    let client = reqwest::Client::new();
+    let unauth = client
+        .post(format!("{}/api/boxes/{id}/exec", r.url()))
+        .json(&serde_json::json!({"command": ["true"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauth.status(), 401);
+    let wrong = client
+        .post(format!("{}/api/boxes/{id}/exec", r.url()))
+        .bearer_auth("nope")
+        .json(&serde_json::json!({"command": ["true"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let body: serde_json::Value = wrong.json().await.unwrap();
+    assert_eq!(body["code"], "unauthorized");
+    let hold = client
+        .post(format!("{}/api/boxes/{id}/exec", r.url()))
+        .bearer_auth("cp-issued-key")
+        .json(&serde_json::json!({
+            "command": ["sh", "-c", "head -c 40000000 /dev/zero > /tmp/blob; sleep 3"],
+        }))
+        .send();
+    let watch = cp.wait_for(Duration::from_secs(20), |h| h.usage.memory_mib >= 30);
+    let (resp, rep) = tokio::join!(hold, watch);
+    assert!(resp.unwrap().status().is_success());
+    assert_eq!(rep.usage.memory_mib, rep.boxes[0].usage.memory_mib);
+    // Usage is the boxes', not the host's.
+    assert!(rep.usage.memory_mib < 96, "{:?}", rep.usage);
+    // Stop, then delete, level-triggered.
+    cp.set_actions(vec![RunnerAction::Stop { id }]);
+    cp.wait_for(Duration::from_secs(20), |h| {
+        h.boxes
+            .iter()
+            .any(|b| b.id == id && b.state == BoxState::Stopped)
+    })
+    .await;
+    cp.set_actions(vec![RunnerAction::Delete { id }]);
+    cp.wait_for(Duration::from_secs(20), |h| h.boxes.is_empty())
+        .await;
+    cp.set_actions(vec![]);
+    assert!(!r.box_dir(&id).exists());
+    // The key survives a restart; a wrong token is refused by the control plane.
+    r.kill9();
+    std::fs::write(r.dir.path().join("token"), "bxr_wrong").unwrap();
+    r.spawn().await;
+    let refused_before = cp.state.lock().unwrap().refused;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while cp.state.lock().unwrap().refused == refused_before {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let still = client
+        .post(format!("{}/api/boxes/{id}/exec", r.url()))
+        .bearer_auth("cp-issued-key")
+        .json(&serde_json::json!({"command": ["true"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(still.status(), 404, "authenticated, box gone");
+}
