@@ -178,21 +178,54 @@ impl LocalProvider {
         Ok(out)
     }
 
+    /// SHA-256 of a program, from the stage's digest cache when the file's
+    /// size, mtime and inode are unchanged (hashing large binaries on every
+    /// `diff` would cost seconds).
     fn digest(&self, path: &Path) -> Result<String, ProviderError> {
         if let Some(d) = self.digests.lock().expect("digest mutex").get(path) {
             return Ok(d.clone());
         }
-        let mut f = fs::File::open(path)
+        let meta = fs::metadata(path)
             .map_err(|e| hard("hash program", format!("{}: {e}", path.display())))?;
-        let mut h = Sha256::new();
-        std::io::copy(&mut f, &mut h)
-            .map_err(|e| hard("hash program", format!("{}: {e}", path.display())))?;
-        let d = hex::encode(h.finalize());
+        let stamp = {
+            use std::os::unix::fs::MetadataExt;
+            format!(
+                "{}:{}:{}:{}",
+                meta.len(),
+                meta.mtime(),
+                meta.mtime_nsec(),
+                meta.ino()
+            )
+        };
+        let cache_path = self.stage_dir.join(".boxctl/digests.json");
+        let mut cache: BTreeMap<String, (String, String)> = fs::read(&cache_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let key = path.display().to_string();
+        let digest = match cache.get(&key) {
+            Some((s, d)) if *s == stamp => d.clone(),
+            _ => {
+                let mut f = fs::File::open(path)
+                    .map_err(|e| hard("hash program", format!("{}: {e}", path.display())))?;
+                let mut h = Sha256::new();
+                std::io::copy(&mut f, &mut h)
+                    .map_err(|e| hard("hash program", format!("{}: {e}", path.display())))?;
+                let d = hex::encode(h.finalize());
+                // Only a stage that exists keeps a cache: `diff` of a new stage writes nothing.
+                if self.stage_dir.join(".boxctl").is_dir() {
+                    cache.insert(key, (stamp, d.clone()));
+                    let body = serde_json::to_vec(&cache).expect("cache serializes");
+                    let _ = write_atomic(&cache_path, &body, 0o600);
+                }
+                d
+            }
+        };
         self.digests
             .lock()
             .expect("digest mutex")
-            .insert(path.to_path_buf(), d.clone());
-        Ok(d)
+            .insert(path.to_path_buf(), digest.clone());
+        Ok(digest)
     }
 
     fn program(&self, props: &Props, id: &ResourceId) -> Result<PathBuf, ProviderError> {
