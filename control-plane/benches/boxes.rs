@@ -91,6 +91,7 @@ async fn run(label: &str, database_url: String, boxes: usize) -> f64 {
                 disk_mib: 1_000_000_000,
             },
             usage: Resources::default(),
+            binary_sha256: None,
             boxes: vec![],
         };
         let r = http

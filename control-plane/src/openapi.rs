@@ -379,6 +379,7 @@ api_object!(RunnerInfo as "RunnerInfo", "A runner." {
     req state: RunnerState => "State.",
     opt version: Option<String> => "Reported version.",
     opt address: Option<String> => "Reported address.",
+    opt binary_sha256: Option<String> => "Reported SHA-256 (hex) of its boxlite-runner binary.",
     req capacity: Resources => "Reported capacity.",
     req usage: Resources => "Reported usage.",
     req allocated: Resources => "Sum of the limits of the boxes pinned to it (what placement counts).",
@@ -404,6 +405,7 @@ api_object!(HealthcheckRequest as "HealthcheckRequest", "Body of POST /api/runne
     req address: String => "Base URL where the control plane reaches this runner's API.",
     req capacity: Resources => "What the runner can give to boxes in total.",
     req usage: Resources => "What its boxes use now.",
+    opt binary_sha256: Option<String> => "SHA-256 (hex) of the running boxlite-runner binary.",
     req boxes: Vec<BoxReport> => "Every box the runner has, whatever its state.",
 });
 

@@ -21,7 +21,7 @@ use crate::state::AppState;
 use crate::tokens;
 
 /// Columns read into [`RunnerRow`].
-pub const RUNNER_COLS: &str = "id, name, draining, decommissioned_at, version, address, \
+pub const RUNNER_COLS: &str = "id, name, draining, decommissioned_at, version, address, binary_sha256, \
     capacity_cpu, capacity_memory, capacity_disk, usage_cpu, usage_memory, usage_disk, \
     alloc_cpu, alloc_memory, alloc_disk, alloc_boxes, last_seen_at";
 
@@ -45,6 +45,8 @@ pub struct RunnerRow {
     pub version: Option<String>,
     /// Reported address.
     pub address: Option<String>,
+    /// Reported SHA-256 of its binary.
+    pub binary_sha256: Option<String>,
     /// Reported capacity.
     pub capacity: Resources,
     /// Reported usage.
@@ -68,6 +70,7 @@ impl RunnerRow {
             decommissioned: decommissioned_at.is_some(),
             version: r.try_get("version")?,
             address: r.try_get("address")?,
+            binary_sha256: r.try_get("binary_sha256")?,
             capacity: resources(r, "capacity")?,
             usage: resources(r, "usage")?,
             allocated: resources(r, "alloc")?,
@@ -97,6 +100,7 @@ impl RunnerRow {
             state: self.state(cutoff),
             version: self.version.clone(),
             address: self.address.clone(),
+            binary_sha256: self.binary_sha256.clone(),
             capacity: self.capacity,
             usage: self.usage,
             allocated: self.allocated,
@@ -218,7 +222,7 @@ pub async fn register(state: &AppState, req: &RegisterRunnerRequest) -> Result<R
                     // A decommissioned runner comes back fresh: new token, new API key, no history.
                     sqlx::query(
                         "UPDATE runners SET token_sha256 = $1, api_key = $2, draining = 0, decommissioned_at = NULL, \
-                         version = NULL, address = NULL, capacity_cpu = 0, capacity_memory = 0, capacity_disk = 0, \
+                         version = NULL, address = NULL, binary_sha256 = NULL, capacity_cpu = 0, capacity_memory = 0, capacity_disk = 0, \
                          usage_cpu = 0, usage_memory = 0, usage_disk = 0, alloc_cpu = 0, alloc_memory = 0, \
                          alloc_disk = 0, alloc_boxes = 0, last_seen_at = NULL, updated_at = $3 WHERE id = $4",
                     )
@@ -405,6 +409,14 @@ fn validate_healthcheck(req: &HealthcheckRequest) -> Result<()> {
             "address must be the runner's base URL (http:// or https://)",
         ));
     }
+    if let Some(sha) = &req.binary_sha256
+        && !(sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(Error::bad_request(
+            "invalid_binary_sha256",
+            "binary_sha256 is 64 hexadecimal characters",
+        ));
+    }
     if req.boxes.len() > MAX_REPORTED_BOXES {
         return Err(Error::bad_request(
             "too_many_boxes",
@@ -448,8 +460,8 @@ pub async fn healthcheck(
         let mut tx = state.db.begin().await?;
         let updated = sqlx::query(
             "UPDATE runners SET version = $1, address = $2, capacity_cpu = $3, capacity_memory = $4, capacity_disk = $5, \
-             usage_cpu = $6, usage_memory = $7, usage_disk = $8, last_seen_at = $9, updated_at = $9 \
-             WHERE id = $10 AND decommissioned_at IS NULL",
+             usage_cpu = $6, usage_memory = $7, usage_disk = $8, last_seen_at = $9, updated_at = $9, \
+             binary_sha256 = $11 WHERE id = $10 AND decommissioned_at IS NULL",
         )
         .bind(&req.version)
         .bind(req.address.trim_end_matches('/'))
@@ -461,6 +473,7 @@ pub async fn healthcheck(
         .bind(to_i64(req.usage.disk_mib))
         .bind(now)
         .bind(&runner_id)
+        .bind(req.binary_sha256.as_ref().map(|s| s.to_ascii_lowercase()))
         .execute(&mut *tx)
         .await?
         .rows_affected();

@@ -306,6 +306,10 @@ async fn healthcheck_converges_runner_on_desired_state(b: Backend) {
     let info = app.runner("runner-1").await;
     assert_eq!(info.version.as_deref(), Some("fake-1.0"));
     assert_eq!(info.address.as_deref(), Some(runner.address.as_str()));
+    assert_eq!(
+        info.binary_sha256.as_deref(),
+        Some(runner.binary_sha256.as_str())
+    );
     assert_eq!(info.capacity, res(8000, 16384, 100_000));
 
     // Three boxes while the runner is not calling: one call brings all three.
@@ -480,6 +484,13 @@ async fn healthcheck_converges_runner_on_desired_state(b: Backend) {
     assert_eq!(
         (s, v["code"].as_str()),
         (StatusCode::BAD_REQUEST, Some("invalid_address"))
+    );
+    let mut bad = runner.report();
+    bad.binary_sha256 = Some("not-a-digest".into());
+    let (s, v) = runner.healthcheck_raw(&runner.token, &bad).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_binary_sha256"))
     );
     let mut dup = runner.report();
     let first = dup.boxes[0].clone();

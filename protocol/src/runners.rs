@@ -69,6 +69,10 @@ pub struct HealthcheckRequest {
     pub capacity: Resources,
     /// What its boxes use now (sum of their cgroups, not the host's totals).
     pub usage: Resources,
+    /// SHA-256 (hex) of the running `boxlite-runner` binary, which tells two
+    /// builds of one version apart (`boxctl runner upgrade` confirms by it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary_sha256: Option<String>,
     /// Every box the runner has, whatever its state.
     pub boxes: Vec<BoxReport>,
 }
@@ -128,6 +132,9 @@ pub struct RunnerInfo {
     /// Reported address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// Reported SHA-256 of its binary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary_sha256: Option<String>,
     /// Reported capacity.
     pub capacity: Resources,
     /// Reported usage.

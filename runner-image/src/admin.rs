@@ -48,6 +48,9 @@ pub enum AdminRequest {
         /// Id.
         id: Uuid,
     },
+    /// Retire the runner: stop taking boxes from the control plane and delete
+    /// every box (processes, layers, cgroups). The agent keeps running.
+    Purge,
 }
 
 /// How the agent is supervised.
@@ -182,6 +185,13 @@ async fn handle(agent: Arc<Agent>, conn: UnixStream) -> Result<()> {
             },
             Ok(AdminRequest::Delete { id }) => match agent.boxes.delete(&id).await {
                 Ok(()) => AdminResponse::ok(),
+                Err(e) => AdminResponse::err(&e),
+            },
+            Ok(AdminRequest::Purge) => match agent.purge().await {
+                Ok(n) => {
+                    tracing::info!("purged: {n} box(es) deleted; no new boxes will be taken");
+                    AdminResponse::ok()
+                }
                 Err(e) => AdminResponse::err(&e),
             },
         };

@@ -43,6 +43,7 @@ pub struct Agent {
     start_time: u64,
     supervisor: Supervisor,
     unhealthy: AtomicBool,
+    retiring: AtomicBool,
     wake: Notify,
     args: Vec<OsString>,
 }
@@ -83,6 +84,28 @@ impl Agent {
         *self.api_key.write().unwrap() = Some(key.to_string());
         tracing::info!("received a new API key from the control plane");
         Ok(())
+    }
+
+    /// Stop creating and starting boxes for the control plane: this runner is
+    /// being retired (`purge`), and its boxes are about to be deleted.
+    pub fn retire(&self) {
+        self.retiring
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// True once [`Agent::retire`] was called (until the process restarts).
+    pub fn is_retiring(&self) -> bool {
+        self.retiring.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Retire the runner and delete every box it has; the number deleted.
+    pub async fn purge(&self) -> anyhow::Result<usize> {
+        self.retire();
+        let ids: Vec<uuid::Uuid> = self.boxes.list().iter().map(|b| b.id).collect();
+        for id in &ids {
+            self.boxes.delete(id).await?;
+        }
+        Ok(ids.len())
     }
 
     /// SHA-256 of the running binary, once computed.
@@ -200,6 +223,7 @@ pub async fn run(config: Config) -> Result<()> {
         exe: exe.clone(),
         supervisor: detect_supervisor(),
         unhealthy: AtomicBool::new(false),
+        retiring: AtomicBool::new(false),
         wake: Notify::new(),
         args: std::env::args_os().collect(),
     });

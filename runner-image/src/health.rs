@@ -55,6 +55,7 @@ pub fn build_request(agent: &Agent) -> HealthcheckRequest {
         address: agent.config.advertise_url.clone(),
         capacity: capacity(agent),
         usage,
+        binary_sha256: agent.binary_sha256(),
         boxes,
     }
 }
@@ -106,6 +107,15 @@ fn action_key(a: &RunnerAction) -> (Uuid, &'static str) {
 
 /// Apply one action (idempotent).
 pub async fn apply(agent: &Agent, action: RunnerAction) -> Result<()> {
+    // A retiring runner deletes its boxes; it must not bring new ones up meanwhile.
+    if agent.is_retiring()
+        && matches!(
+            action,
+            RunnerAction::Create { .. } | RunnerAction::Start { .. }
+        )
+    {
+        return Ok(());
+    }
     match action {
         RunnerAction::Create { spec } => agent.boxes.create(spec).await,
         RunnerAction::Start { id } => agent.boxes.start(&id).await,

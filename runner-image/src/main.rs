@@ -53,6 +53,9 @@ enum Command {
     },
     /// Show the running agent's status.
     Status,
+    /// Delete every box of this runner and take no new ones (for retiring it:
+    /// `boxctl destroy` and `boxctl decommission` run this before stopping the agent).
+    Purge,
     /// Print the version.
     Version {
         /// As JSON.
@@ -194,6 +197,29 @@ fn main() {
                             1
                         }
                     },
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        1
+                    }
+                }
+            })
+        }
+        Command::Purge => {
+            let config = load(&cli.config);
+            let path = config.layout().admin_socket();
+            runtime().block_on(async move {
+                let result = async {
+                    let mut c = runner_image::admin::AdminClient::connect(&path).await?;
+                    let before = c.status().await?.boxes.len();
+                    c.call_ok(&runner_image::admin::AdminRequest::Purge).await?;
+                    anyhow::Ok(before)
+                }
+                .await;
+                match result {
+                    Ok(n) => {
+                        println!("deleted {n} box(es); the runner takes no new ones");
+                        0
+                    }
                     Err(e) => {
                         eprintln!("error: {e:#}");
                         1

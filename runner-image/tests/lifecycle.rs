@@ -268,3 +268,72 @@ async fn healthcheck_reports_and_applies_actions() {
         .unwrap();
     assert_eq!(still.status(), 404, "authenticated, box gone");
 }
+
+/// `boxlite-runner purge` deletes every box (processes gone) and the agent
+/// takes no new ones, even while the control plane keeps asking for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_deletes_every_box_and_takes_no_new_ones() {
+    let cp = FakeCp::start("bxr_purge-token", "cp-key").await;
+    let r = Runner::start(Options {
+        control_plane: Some(cp.url.clone()),
+        token: Some("bxr_purge-token".into()),
+        ..Default::default()
+    })
+    .await;
+    let id = uuid::Uuid::new_v4();
+    // The control plane wants this box on the runner, now and after the purge.
+    cp.set_actions(vec![RunnerAction::Create {
+        spec: common::spec(id, 96, false),
+    }]);
+    cp.wait_for(Duration::from_secs(30), |h| {
+        h.boxes
+            .iter()
+            .any(|b| b.id == id && b.state == BoxState::Running)
+    })
+    .await;
+    let local = r.create_box(96, false).await;
+    let shims: Vec<u32> = r
+        .status()
+        .await
+        .boxes
+        .iter()
+        .filter_map(|b| b.shim_pid)
+        .collect();
+    assert_eq!(shims.len(), 2);
+
+    let out = std::process::Command::new(common::bin())
+        .args(["--config"])
+        .arg(&r.config)
+        .arg("purge")
+        .current_dir(r.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "deleted 2 box(es); the runner takes no new ones"
+    );
+    assert!(r.status().await.boxes.is_empty());
+    for pid in shims {
+        assert!(
+            testkit::wait_until(Duration::from_secs(10), || !std::path::Path::new(&format!(
+                "/proc/{pid}"
+            ))
+            .exists()),
+            "shim {pid} still runs"
+        );
+    }
+    assert!(!r.box_dir(&id).exists() && !r.box_dir(&local).exists());
+    // Several healthchecks later, the box the control plane still asks for is not back.
+    let seen = cp.state.lock().unwrap().requests.len();
+    cp.wait_for(Duration::from_secs(30), |_| {
+        cp.state.lock().unwrap().requests.len() >= seen + 3
+    })
+    .await;
+    assert!(r.status().await.boxes.is_empty());
+    assert!(cp.last().unwrap().boxes.is_empty());
+}

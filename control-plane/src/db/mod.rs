@@ -58,8 +58,14 @@ pub enum Dialect {
 }
 
 /// Embedded migrations: (version, description, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/0001_init.sql")),
+    (
+        2,
+        "runner binary",
+        include_str!("../../migrations/0002_runner_binary.sql"),
+    ),
+];
 
 /// Attempts of an operation that hit a serialization failure, deadlock or busy database.
 const MAX_ATTEMPTS: u32 = 6;

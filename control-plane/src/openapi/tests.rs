@@ -201,6 +201,7 @@ fn cases(reg: &mut Registry) -> Vec<Case> {
         state: RunnerState::Ready,
         version: full.then(|| "1.0".into()),
         address: full.then(|| "http://10.0.0.1:9000".into()),
+        binary_sha256: full.then(|| "ab".repeat(32)),
         capacity: res(),
         usage: res(),
         allocated: res(),
@@ -388,6 +389,7 @@ fn cases(reg: &mut Registry) -> Vec<Case> {
                 address: "http://a".into(),
                 capacity: res(),
                 usage: res(),
+                binary_sha256: Some("cd".repeat(32)),
                 boxes: vec![report(true)],
             },
             HealthcheckRequest {
@@ -395,6 +397,7 @@ fn cases(reg: &mut Registry) -> Vec<Case> {
                 address: "http://a".into(),
                 capacity: res(),
                 usage: res(),
+                binary_sha256: None,
                 boxes: vec![],
             },
         ),

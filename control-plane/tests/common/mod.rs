@@ -327,6 +327,8 @@ pub struct FakeRunner {
     pub address: String,
     /// Capacity it reports.
     pub capacity: Resources,
+    /// SHA-256 of the binary it reports.
+    pub binary_sha256: String,
     /// Shared state.
     pub state: Arc<Mutex<FakeState>>,
     cp: String,
@@ -402,6 +404,7 @@ impl FakeRunner {
             token,
             address,
             capacity,
+            binary_sha256: format!("{:064x}", name.len()),
             state,
             cp: app.url.clone(),
             http: reqwest::Client::new(),
@@ -435,6 +438,7 @@ impl FakeRunner {
             address: self.address.clone(),
             capacity: self.capacity,
             usage,
+            binary_sha256: Some(self.binary_sha256.clone()),
             boxes,
         }
     }
