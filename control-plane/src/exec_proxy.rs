@@ -6,18 +6,13 @@ use std::time::Duration;
 
 use axum::extract::ws::{self, WebSocket};
 use axum::http::StatusCode;
-use axum::http::header::{
-    CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE,
-};
-use base64::Engine;
 use futures::{SinkExt, StreamExt};
 use protocol::{ApiError, BoxState, ExecRequest, ExecResponse};
 use sqlx::Row;
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as TMessage;
 use tokio_tungstenite::tungstenite::protocol::{
-    CloseFrame as TCloseFrame, Role, frame::coding::CloseCode,
+    CloseFrame as TCloseFrame, frame::coding::CloseCode,
 };
-use tokio_tungstenite::tungstenite::{Message as TMessage, handshake::derive_accept_key};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -157,12 +152,19 @@ pub async fn runner_error(runner: &str, resp: reqwest::Response) -> Error {
             break;
         }
     }
-    let parsed: Option<ApiError> = serde_json::from_slice(&body).ok();
+    runner_error_text(runner, status, &String::from_utf8_lossy(&body))
+}
+
+/// The error to answer with for a runner's failure status and body.
+pub fn runner_error_text(runner: &str, status: reqwest::StatusCode, body: &str) -> Error {
+    let parsed: Option<ApiError> = serde_json::from_str(body).ok();
     let message = parsed
         .as_ref()
         .map(|e| e.message.clone())
         .unwrap_or_else(|| {
-            String::from_utf8_lossy(&body[..body.len().min(500)])
+            body.chars()
+                .take(500)
+                .collect::<String>()
                 .trim()
                 .to_string()
         });
@@ -211,7 +213,7 @@ pub async fn exec(
 }
 
 /// The runner leg of an interactive session.
-pub type RunnerSocket = WebSocketStream<reqwest::Upgraded>;
+pub type RunnerSocket = protocol::ws::ClientSocket;
 
 /// Open the runner's exec WebSocket for box `box_id` (before answering the
 /// client's upgrade, so a failure is an ordinary HTTP error).
@@ -220,44 +222,31 @@ pub async fn connect_ws(
     ep: &RunnerEndpoint,
     box_id: Uuid,
 ) -> Result<RunnerSocket> {
-    let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
-    let resp = state
+    let request = state
         .http
         .get(ep.url(&format!("/api/boxes/{box_id}/exec/ws")))
         .bearer_auth(ep.api_key.expose())
-        .header(CONNECTION, "upgrade")
-        .header(UPGRADE, "websocket")
-        .header(SEC_WEBSOCKET_VERSION, "13")
-        .header(SEC_WEBSOCKET_KEY, &key)
-        .timeout(Duration::from_secs(30))
-        .send()
-        .await
-        .map_err(|e| unreachable(&ep.name, e))?;
-    if resp.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
-        if resp.status().is_success() {
-            return Err(Error::bad_gateway(
+        .timeout(Duration::from_secs(30));
+    match protocol::ws::upgrade(request).await {
+        Ok(socket) => Ok(socket),
+        Err(protocol::ws::UpgradeError::Http(e)) => Err(unreachable(&ep.name, e)),
+        Err(protocol::ws::UpgradeError::Refused { status, .. }) if status.is_success() => {
+            Err(Error::bad_gateway(
                 "runner_error",
                 format!("runner {} did not upgrade to WebSocket", ep.name),
-            ));
+            ))
         }
-        return Err(runner_error(&ep.name, resp).await);
-    }
-    let accept_ok = resp
-        .headers()
-        .get(SEC_WEBSOCKET_ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == derive_accept_key(key.as_bytes()));
-    if !accept_ok {
-        return Err(Error::bad_gateway(
+        Err(protocol::ws::UpgradeError::Refused { status, body }) => {
+            Err(runner_error_text(&ep.name, status, &body))
+        }
+        Err(protocol::ws::UpgradeError::BadHandshake) => Err(Error::bad_gateway(
             "runner_error",
             format!(
                 "runner {} answered the WebSocket handshake wrongly",
                 ep.name
             ),
-        ));
+        )),
     }
-    let upgraded = resp.upgrade().await.map_err(|e| unreachable(&ep.name, e))?;
-    Ok(WebSocketStream::from_raw_socket(upgraded, Role::Client, None).await)
 }
 
 fn to_runner(m: ws::Message) -> Option<TMessage> {

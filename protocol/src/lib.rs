@@ -10,6 +10,7 @@ pub mod exec;
 pub mod health;
 pub mod orgs;
 pub mod runners;
+pub mod ws;
 
 pub use boxes::*;
 pub use error::ApiError;
