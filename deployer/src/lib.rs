@@ -2,5 +2,6 @@
 
 pub mod cli;
 pub mod engine;
+pub mod platform;
 pub mod providers;
 pub mod render;

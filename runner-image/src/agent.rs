@@ -105,6 +105,7 @@ impl Agent {
         for id in &ids {
             self.boxes.delete(id).await?;
         }
+        self.boxes.hierarchy().remove_empty_parents();
         Ok(ids.len())
     }
 

@@ -331,6 +331,23 @@ impl Hierarchy {
         }
     }
 
+    /// Remove this runner's own cgroup directories (v1) and their parents when
+    /// empty, after every box is gone; anything still in use stays. Under v2
+    /// the base holds the agent itself, and systemd removes its own slices.
+    pub fn remove_empty_parents(&self) {
+        if let Hierarchy::V1 { mounts, parent } = self {
+            for mount in mounts.values() {
+                let mut dir = Some(parent.as_path());
+                while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty()) {
+                    if std::fs::remove_dir(mount.join(d)).is_err() {
+                        break;
+                    }
+                    dir = d.parent();
+                }
+            }
+        }
+    }
+
     /// Human-readable name of the layout.
     pub fn describe(&self) -> String {
         match self {

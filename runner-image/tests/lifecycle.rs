@@ -328,6 +328,13 @@ async fn purge_deletes_every_box_and_takes_no_new_ones() {
         );
     }
     assert!(!r.box_dir(&id).exists() && !r.box_dir(&local).exists());
+    // The runner's own cgroup directories go too.
+    let memory_parent = r.memory_cgroup(&id).parent().unwrap().to_path_buf();
+    assert!(
+        !memory_parent.exists(),
+        "{} left behind",
+        memory_parent.display()
+    );
     // Several healthchecks later, the box the control plane still asks for is not back.
     let seen = cp.state.lock().unwrap().requests.len();
     cp.wait_for(Duration::from_secs(30), |_| {

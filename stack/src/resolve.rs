@@ -19,6 +19,8 @@ pub mod kinds {
     pub const LOCAL_FILE: &str = "local.file";
     /// A supervised long-running process.
     pub const LOCAL_PROCESS: &str = "local.process";
+    /// A runner registered with the control plane by the hash of its token.
+    pub const LOCAL_RUNNER_REGISTRATION: &str = "local.runner-registration";
 }
 
 /// Why a stage cannot be resolved.
@@ -175,6 +177,18 @@ fn local(stack: &str, s: &Stage) -> Result<DesiredGraph, ResolveError> {
         ]))?;
         let config_sha = sha256_hex(&config);
         let config_path = format!("config/{name}.toml");
+        // boxctl minted the token; the control plane learns only its hash.
+        g.add(
+            Resource::new(format!("registration/{name}"), LOCAL_RUNNER_REGISTRATION)
+                .prop("name", name.as_str())
+                .prop("control_plane", api_url.as_str())
+                .prop("admin_key_path", "secrets/admin-api-key")
+                .prop(
+                    "token_sha256",
+                    Value::reference(&format!("secret/{name}-token"), "sha256"),
+                )
+                .dep("process/control-plane"),
+        )?;
         g.add(
             Resource::new(format!("config/{name}"), LOCAL_FILE)
                 .prop("path", config_path.as_str())
@@ -182,7 +196,8 @@ fn local(stack: &str, s: &Stage) -> Result<DesiredGraph, ResolveError> {
                 .prop("mode", "0600"),
         )?;
         // Runners are stateful: protected, and their binary is rolled by
-        // `boxctl runner upgrade`, not by deploy.
+        // `boxctl runner upgrade`, not by deploy. Their boxes outlive the
+        // agent, so retiring one first deletes its boxes (`on_delete`).
         g.add(
             Resource::new(format!("runner/{name}"), LOCAL_PROCESS)
                 .prop("program", program(s, "boxlite-runner"))
@@ -192,10 +207,14 @@ fn local(stack: &str, s: &Stage) -> Result<DesiredGraph, ResolveError> {
                 .prop("log", format!("logs/{name}.log"))
                 .prop("running", true)
                 .prop("config_sha256", config_sha)
+                .prop(
+                    "on_delete",
+                    Value::strs(["--config", config_path.as_str(), "purge"]),
+                )
                 .dep("dir/data")
                 .dep(&format!("secret/{name}-token"))
                 .dep(&format!("config/{name}"))
-                .dep("process/control-plane")
+                .dep(&format!("registration/{name}"))
                 .protect()
                 .ignore_changes(&["program_sha256"]),
         )?;

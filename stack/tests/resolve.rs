@@ -157,6 +157,9 @@ fn the_local_graph_has_the_platform_as_supervised_processes() {
             "config/runner-3",
             "dir/data",
             "process/control-plane",
+            "registration/runner-1",
+            "registration/runner-2",
+            "registration/runner-3",
             "runner/runner-1",
             "runner/runner-2",
             "runner/runner-3",
@@ -182,7 +185,23 @@ fn the_local_graph_has_the_platform_as_supervised_processes() {
     assert!(
         runner
             .deps
-            .contains(&ResourceId::from("process/control-plane"))
+            .contains(&ResourceId::from("registration/runner-2")),
+        "registered before it starts"
+    );
+    assert_eq!(
+        runner.props["on_delete"],
+        Value::strs(["--config", "config/runner-2.toml", "purge"])
+    );
+    let reg = &g.resources[&ResourceId::from("registration/runner-2")];
+    assert_eq!(
+        reg.props["token_sha256"],
+        Value::reference("secret/runner-2-token", "sha256")
+    );
+    assert_eq!(
+        reg.all_deps().len(),
+        2,
+        "the control plane and the token: {:?}",
+        reg.all_deps()
     );
 
     let config = g.resources[&ResourceId::from("config/runner-2")].props["content"]

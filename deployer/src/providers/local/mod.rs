@@ -5,6 +5,7 @@
 //! without a record (boxctl died right after starting it) is still recognised.
 
 pub mod process;
+pub mod registration;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -50,6 +51,14 @@ const KINDS: &[KindSpec] = &[
     KindSpec {
         kind: kinds::LOCAL_PROCESS,
         replace_on: &[],
+        order: 30,
+        create_before_delete: false,
+    },
+    // Same order as processes: within it, deletes follow the graph (the runner
+    // goes before its registration, the registration before the control plane).
+    KindSpec {
+        kind: kinds::LOCAL_RUNNER_REGISTRATION,
+        replace_on: &["name", "control_plane"],
         order: 30,
         create_before_delete: false,
     },
@@ -236,7 +245,38 @@ impl LocalProvider {
         })
     }
 
-    fn observe_one(&self, rec: &Record, live: &BTreeMap<String, Vec<ProcId>>, inv: &mut Inventory) {
+    fn observe_one(
+        &self,
+        rec: &Record,
+        live: &BTreeMap<String, Vec<ProcId>>,
+        registered: &BTreeMap<(String, String), Option<std::collections::BTreeSet<String>>>,
+        inv: &mut Inventory,
+    ) {
+        if rec.kind == kinds::LOCAL_RUNNER_REGISTRATION {
+            // Registered as recorded, unless its control plane answers and says otherwise.
+            let key = (
+                rec.props
+                    .get("control_plane")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                rec.props
+                    .get("admin_key_path")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+            let name = rec
+                .props
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if let Some(Some(names)) = registered.get(&key)
+                && !names.contains(name)
+            {
+                return;
+            }
+        }
         let id = &rec.id;
         let path = rec
             .props
@@ -272,12 +312,21 @@ impl LocalProvider {
                 outputs.insert("path".into(), Value::str(path.display().to_string()));
             }
             kinds::LOCAL_SECRET => {
-                // The value is never read into the inventory; only that it exists.
+                // The value never enters the inventory: only that it exists, and
+                // its SHA-256 (what a control plane stores to recognise it).
                 let Some(path) = path.filter(|p| p.is_file()) else {
                     return;
                 };
+                let Ok(value) = fs::read(&path) else { return };
                 props = rec.props.clone();
                 outputs.insert("path".into(), Value::str(path.display().to_string()));
+                outputs.insert(
+                    "sha256".into(),
+                    Value::str(hex::encode(Sha256::digest(value.trim_ascii()))),
+                );
+            }
+            kinds::LOCAL_RUNNER_REGISTRATION => {
+                props = rec.props.clone();
             }
             kinds::LOCAL_PROCESS => {
                 let procs = live.get(&self.marker(id)).cloned().unwrap_or_default();
@@ -386,6 +435,66 @@ impl LocalProvider {
         }
     }
 
+    /// Run the process's `on_delete` command (its own program with those
+    /// arguments) before it is stopped for good; a process that is not
+    /// running has nothing to hand over, so the hook is skipped with a warning.
+    async fn on_delete(&self, o: &Observed) -> Result<(), ProviderError> {
+        let Some(args) = o.props.get("on_delete").and_then(Value::as_list) else {
+            return Ok(());
+        };
+        let args: Vec<String> = args
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_string))
+            .collect();
+        let alive = o
+            .outputs
+            .get("pid")
+            .and_then(Value::as_int)
+            .and_then(|p| i32::try_from(p).ok())
+            .and_then(ProcId::of)
+            .is_some();
+        if !alive {
+            tracing::warn!(
+                "{} is not running: skipping `{}` before removing it",
+                o.id,
+                args.join(" ")
+            );
+            return Ok(());
+        }
+        let program = self.program(&o.props, &o.id)?;
+        let out = tokio::time::timeout(
+            Duration::from_secs(300),
+            tokio::process::Command::new(&program)
+                .args(&args)
+                .current_dir(&self.stage_dir)
+                .env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .output(),
+        )
+        .await
+        .map_err(|_| {
+            ProviderError::hard(
+                "on_delete",
+                format!("{}: `{}` did not finish within 300 s", o.id, args.join(" ")),
+            )
+        })?
+        .map_err(|e| hard("on_delete", format!("{}: {}: {e}", o.id, program.display())))?;
+        if !out.status.success() {
+            return Err(ProviderError::hard(
+                "on_delete",
+                format!(
+                    "{}: `{} {}` failed ({}): {}",
+                    o.id,
+                    program.display(),
+                    args.join(" "),
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn stop_observed(&self, o: &Observed) {
         let pid = o
             .outputs
@@ -441,11 +550,22 @@ impl Provider for LocalProvider {
             } else {
                 BTreeMap::new()
             };
+        // Each control plane with registrations is asked once.
+        let mut registered = BTreeMap::new();
+        for (key, ()) in registration::endpoints(
+            records
+                .iter()
+                .filter(|r| r.kind == kinds::LOCAL_RUNNER_REGISTRATION)
+                .map(|r| &r.props),
+        ) {
+            let names = registration::registered(&self.stage_dir, &key.0, &key.1).await;
+            registered.insert(key, names);
+        }
         let mut inv = Inventory::default();
         let recorded: std::collections::BTreeSet<String> =
             records.iter().map(|r| self.marker(&r.id)).collect();
         for rec in &records {
-            self.observe_one(rec, &live, &mut inv);
+            self.observe_one(rec, &live, &registered, &mut inv);
         }
         // Processes carrying our marker without a record: boxctl died between
         // starting them and recording them. They are observed with no known
@@ -505,11 +625,24 @@ impl Provider for LocalProvider {
                 let existing = fs::read_to_string(&path)
                     .ok()
                     .filter(|s| s.starts_with(prefix));
-                if existing.is_none() {
-                    write_atomic(&path, new_secret(prefix, bytes).as_bytes(), 0o600)
-                        .map_err(|e| hard("write secret", format!("{}: {e}", path.display())))?;
-                }
+                let value = match existing {
+                    Some(v) => v,
+                    None => {
+                        let v = new_secret(prefix, bytes);
+                        write_atomic(&path, v.as_bytes(), 0o600).map_err(|e| {
+                            hard("write secret", format!("{}: {e}", path.display()))
+                        })?;
+                        v
+                    }
+                };
                 outputs.insert("path".into(), Value::str(path.display().to_string()));
+                outputs.insert(
+                    "sha256".into(),
+                    Value::str(hex::encode(Sha256::digest(value.trim().as_bytes()))),
+                );
+            }
+            kinds::LOCAL_RUNNER_REGISTRATION => {
+                registration::register(&self.stage_dir, &d.props, None).await?;
             }
             kinds::LOCAL_PROCESS => {
                 // A process left running by a run that died: stop it before
@@ -548,6 +681,13 @@ impl Provider for LocalProvider {
             // Restart: stop what runs, start with the new settings.
             self.stop_observed(current);
         }
+        if d.kind == kinds::LOCAL_RUNNER_REGISTRATION {
+            registration::register(&self.stage_dir, &d.props, Some(&current.props)).await?;
+            self.write_record(&self.record_for(ctx, d, None))?;
+            let mut o = current.clone();
+            o.props = d.props.clone();
+            return Ok(o);
+        }
         if d.kind == kinds::LOCAL_SECRET {
             // Nothing to rewrite: only its record (policy) can change in place.
             self.write_record(&self.record_for(ctx, d, None))?;
@@ -567,7 +707,13 @@ impl Provider for LocalProvider {
         let id = &current.id;
         let rel = current.props.get("path").and_then(Value::as_str);
         match current.kind.as_str() {
-            kinds::LOCAL_PROCESS => self.stop_observed(current),
+            kinds::LOCAL_PROCESS => {
+                self.on_delete(current).await?;
+                self.stop_observed(current);
+            }
+            kinds::LOCAL_RUNNER_REGISTRATION => {
+                registration::deregister(&self.stage_dir, &current.props).await?;
+            }
             kinds::LOCAL_DIRECTORY => {
                 if let Some(rel) = rel {
                     let path = self.inside(rel, id)?;

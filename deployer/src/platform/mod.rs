@@ -1,0 +1,3 @@
+//! Operating a deployed platform through its control plane.
+
+pub mod client;
