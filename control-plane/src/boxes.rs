@@ -312,6 +312,9 @@ pub async fn create(state: &AppState, org_id: Uuid, req: &CreateBoxRequest) -> R
     })
     .await?;
     tracing::info!(r#box = %info.id, runner = info.runner.as_deref().unwrap_or(""), "box created");
+    if let Some(r) = &info.runner {
+        crate::runners::poke(state, r);
+    }
     Ok(info)
 }
 
@@ -515,6 +518,9 @@ pub async fn set_desired(
             "the box is deleted or being deleted",
         ));
     }
+    if let Some(r) = &info.runner {
+        crate::runners::poke(state, r);
+    }
     Ok(info)
 }
 
@@ -531,7 +537,11 @@ pub async fn delete(state: &AppState, org_id: Uuid, id: Uuid) -> Result<BoxInfo>
     .bind(org_id.to_string())
     .execute(state.db.pool())
     .await?;
-    get(state, org_id, id).await
+    let info = get(state, org_id, id).await?;
+    if let Some(r) = &info.runner {
+        crate::runners::poke(state, r);
+    }
+    Ok(info)
 }
 
 #[cfg(test)]

@@ -660,3 +660,36 @@ fn stored_state(r: &AnyRow, col: &str) -> Result<BoxState> {
     parse_state(&s)
         .ok_or_else(|| Error::internal(anyhow::anyhow!("column {col} holds unknown state {s:?}")))
 }
+
+/// Ask runner `name` to check in now, so it acts on a change at once instead
+/// of at its next healthcheck. Best effort, in the background: a runner that
+/// does not answer still converges on its next interval.
+pub fn poke(state: &AppState, name: &str) {
+    let state = state.clone();
+    let name = name.to_string();
+    tokio::spawn(async move {
+        let row = sqlx::query(
+            "SELECT address, api_key FROM runners WHERE name = $1 AND decommissioned_at IS NULL",
+        )
+        .bind(&name)
+        .fetch_optional(state.db.pool())
+        .await;
+        let Ok(Some(row)) = row else { return };
+        let (Ok(Some(address)), Ok(key)) = (
+            row.try_get::<Option<String>, _>("address"),
+            row.try_get::<String, _>("api_key"),
+        ) else {
+            return;
+        };
+        let sent = state
+            .http
+            .post(format!("{address}/api/sync"))
+            .bearer_auth(key)
+            .timeout(std::time::Duration::from_secs(2))
+            .send()
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!("poking runner {name}: {e}");
+        }
+    });
+}

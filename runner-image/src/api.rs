@@ -86,6 +86,7 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
         .route("/api/boxes/{id}/exec/ws", get(exec_ws))
         .route("/api/boxes/{id}/export", get(export))
         .route("/api/boxes/{id}/import", post(import))
+        .route("/api/sync", post(sync))
         .layer(middleware::from_fn_with_state(agent.clone(), auth))
         .layer(DefaultBodyLimit::max(32 << 20));
     axum::Router::new()
@@ -119,6 +120,13 @@ async fn auth(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Resp
         )
         .into_response(),
     }
+}
+
+/// `POST /api/sync`: the control plane has work for this runner; check in now
+/// instead of at the next interval.
+async fn sync(State(agent): State<Arc<Agent>>) -> StatusCode {
+    agent.wake_healthcheck();
+    StatusCode::ACCEPTED
 }
 
 async fn health(State(agent): State<Arc<Agent>>) -> Response {

@@ -223,6 +223,16 @@ async fn healthcheck_reports_and_applies_actions() {
     assert_eq!(wrong.status(), 401);
     let body: serde_json::Value = wrong.json().await.unwrap();
     assert_eq!(body["code"], "unauthorized");
+    // The control plane's "check in now" needs its key too.
+    let sync = |key: Option<&str>| {
+        let mut req = client.post(format!("{}/api/sync", r.url()));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        req.send()
+    };
+    assert_eq!(sync(None).await.unwrap().status(), 401);
+    assert_eq!(sync(Some("cp-issued-key")).await.unwrap().status(), 202);
     let hold = client
         .post(format!("{}/api/boxes/{id}/exec", r.url()))
         .bearer_auth("cp-issued-key")

@@ -99,6 +99,7 @@ pub async fn apply(
     stage: &str,
     mode: Mode,
     args: &ApplyArgs,
+    verify: bool,
     color: ColorChoice,
 ) -> anyhow::Result<ExitCode> {
     let loaded = context::load(explicit, color)?;
@@ -117,9 +118,18 @@ pub async fn apply(
         &target,
     );
     let command = format!("boxctl {verb} --stage {stage}");
-    let code = match &target.providers {
+    let runners: Vec<String> = graph
+        .resources
+        .keys()
+        .filter(|id| id.family() == "runner")
+        .map(|id| id.name().to_string())
+        .collect();
+    let (code, applied) = match &target.providers {
         Providers::Local(p) => run(p, &target, graph, mode, &command, args, color).await?,
     };
+    if mode == Mode::Deploy && applied && verify && code == ExitCode::SUCCESS {
+        verify_stage(&loaded, stage_cfg, &runners, args.output, color).await?;
+    }
     if mode == Mode::Destroy && code == ExitCode::SUCCESS {
         let Providers::Local(p) = &target.providers;
         // Nothing retained is left in the stage directory: remove it, lock and journal included.
@@ -196,7 +206,7 @@ async fn run<P: Provider>(
     command: &str,
     args: &ApplyArgs,
     color: ColorChoice,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<(ExitCode, bool)> {
     let style_out = Style::stdout(color);
     let style = Style::stderr(color);
     let store = Arc::clone(&target.store);
@@ -240,7 +250,7 @@ async fn locked<P: Provider>(
     style: &Style,
     style_out: &Style,
     lock: &Arc<lock::Lock>,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<(ExitCode, bool)> {
     let store = Arc::clone(&target.store);
     let mut notes = Vec::new();
     if let Ok(Some(last)) = journal::latest(store.as_ref()).await
@@ -277,7 +287,7 @@ async fn locked<P: Provider>(
         );
     }
     if !pl.has_changes() {
-        return Ok(ExitCode::SUCCESS);
+        return Ok((ExitCode::SUCCESS, false));
     }
     if pl.is_destructive() && !args.yes && !confirm(style, &pl)? {
         bail!("not confirmed; nothing was changed");
@@ -360,7 +370,7 @@ async fn locked<P: Provider>(
                     println!("  {k:<width$}  {shown}");
                 }
             }
-            Ok(ExitCode::SUCCESS)
+            Ok((ExitCode::SUCCESS, true))
         }
         ApplyStatus::Interrupted => {
             eprintln!(
@@ -369,7 +379,7 @@ async fn locked<P: Provider>(
                 report.succeeded.len(),
                 report.skipped.len()
             );
-            Ok(ExitCode::from(130))
+            Ok((ExitCode::from(130), true))
         }
         ApplyStatus::Failed | ApplyStatus::Running => {
             for (id, action, e) in &report.failed {
@@ -383,4 +393,64 @@ async fn locked<P: Provider>(
             )
         }
     }
+}
+
+/// After a deploy that changed something: the declared runners are ready and
+/// a box can be created, used and deleted. Then tell the operator where
+/// things are.
+async fn verify_stage(
+    loaded: &context::Loaded,
+    stage: &stack::Stage,
+    runners: &[String],
+    output: Output,
+    color: ColorChoice,
+) -> anyhow::Result<()> {
+    let style = Style::stderr(color);
+    let client = context::control_plane(loaded, stage)?;
+    let health = client
+        .health()
+        .await
+        .context("the control plane does not answer its health check")?;
+    eprintln!(
+        "{} control plane {} is {:?} (version {})",
+        style.dim("verify:"),
+        client.base(),
+        health.status,
+        health.version
+    );
+    if !runners.is_empty() {
+        let took =
+            crate::platform::verify::wait_ready(&client, runners, Duration::from_secs(90)).await?;
+        eprintln!(
+            "{} {} runner(s) ready ({})",
+            style.dim("verify:"),
+            runners.len(),
+            human_duration(took)
+        );
+        let took = crate::platform::verify::smoke(&client, Duration::from_secs(60)).await?;
+        eprintln!(
+            "{} a box was created, ran a command and was deleted ({})",
+            style.dim("verify:"),
+            human_duration(took)
+        );
+    }
+    if output == Output::Text && stage.target == stack::Target::Local {
+        let key_path = context::local_stage_dir(loaded, stage)?.join("secrets/admin-api-key");
+        println!(
+            "
+Control plane  {}",
+            client.base()
+        );
+        // The key itself only goes to an operator's terminal, never to logs or files.
+        if std::io::stdout().is_terminal() {
+            let key = std::fs::read_to_string(&key_path).unwrap_or_default();
+            println!("Admin API key  {}", key.trim());
+        }
+        println!("Key file       {}", key_path.display());
+        println!(
+            "Try it:        boxctl box create --stage {s} && boxctl box list --stage {s}",
+            s = stage.name
+        );
+    }
+    Ok(())
 }

@@ -7,6 +7,7 @@ use anyhow::{Context as _, bail};
 use stack::{Diagnostic, Severity, Stack, Stage, Target};
 
 use crate::engine::store::{LocalStore, StateStore};
+use crate::platform::client::{ApiKey, Client};
 use crate::providers::local::{LocalProvider, STATE_DIR};
 use crate::render::{ColorChoice, Style};
 
@@ -127,7 +128,7 @@ pub struct StageTarget {
 pub fn target(loaded: &Loaded, stage: &Stage) -> anyhow::Result<StageTarget> {
     match stage.target {
         Target::Local => {
-            let stage_dir = state_root()?.join(&loaded.stack.name).join(&stage.name);
+            let stage_dir = local_stage_dir(loaded, stage)?;
             let store: Arc<dyn StateStore> = Arc::new(LocalStore::new(stage_dir.join(STATE_DIR)));
             let description = format!("local, state in {}", stage_dir.display());
             Ok(StageTarget {
@@ -146,4 +147,46 @@ pub fn target(loaded: &Loaded, stage: &Stage) -> anyhow::Result<StageTarget> {
             stage.name
         ),
     }
+}
+
+/// The local stage directory of a stage.
+pub fn local_stage_dir(loaded: &Loaded, stage: &Stage) -> anyhow::Result<PathBuf> {
+    Ok(state_root()?.join(&loaded.stack.name).join(&stage.name))
+}
+
+/// A client of the stage's control plane, with the admin key: the stage's own
+/// on local; on aws from `BOXLITE_API_KEY`. `BOXLITE_API_URL` and
+/// `BOXLITE_API_KEY` override either.
+pub fn control_plane(loaded: &Loaded, stage: &Stage) -> anyhow::Result<Client> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let url = match (env("BOXLITE_API_URL"), stage.target) {
+        (Some(u), _) => u,
+        (None, Target::Local) => format!("http://127.0.0.1:{}", stage.local.api_port),
+        (None, Target::Aws) => format!(
+            "https://api.{}",
+            stage
+                .domain
+                .as_deref()
+                .context("an aws stage has a domain")?
+        ),
+    };
+    let key = match (env("BOXLITE_API_KEY"), stage.target) {
+        (Some(k), _) => k,
+        (None, Target::Local) => {
+            let path = local_stage_dir(loaded, stage)?.join("secrets/admin-api-key");
+            std::fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "reading the admin API key {}; is stage {:?} deployed? (`boxctl deploy --stage {}`)",
+                    path.display(),
+                    stage.name,
+                    stage.name
+                )
+            })?
+        }
+        (None, Target::Aws) => bail!(
+            "set BOXLITE_API_KEY to an admin API key of stage {:?}",
+            stage.name
+        ),
+    };
+    Ok(Client::new(&url, ApiKey::new(key)))
 }

@@ -130,6 +130,10 @@ struct DeployArgs {
     stage: StageArg,
     #[command(flatten)]
     apply: ApplyArgs,
+    /// Skip the check after a deploy that changed something (runners ready, a
+    /// box created, exec'd and deleted).
+    #[arg(long)]
+    no_verify: bool,
 }
 
 #[derive(Debug, Args)]
@@ -246,21 +250,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
         }
         Command::Deploy(a) => {
+            let mode = crate::engine::plan::Mode::Deploy;
             apply::apply(
                 cli.stack.as_deref(),
                 &a.stage.stage,
-                crate::engine::plan::Mode::Deploy,
+                mode,
                 &a.apply,
+                !a.no_verify,
                 color,
             )
             .await
         }
         Command::Destroy(a) => {
+            let mode = crate::engine::plan::Mode::Destroy;
             apply::apply(
                 cli.stack.as_deref(),
                 &a.stage.stage,
-                crate::engine::plan::Mode::Destroy,
+                mode,
                 &a.apply,
+                false,
                 color,
             )
             .await
