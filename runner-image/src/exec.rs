@@ -236,12 +236,16 @@ async fn serve_ws_inner(ws: &mut WebSocket, sock: &Path) -> Result<()> {
     });
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.tick().await;
+    // Input to a process that already exited cannot be written (its session
+    // is closed), but its exit code is still on the way: a failed write only
+    // closes the input side, and the output is drained to the end.
+    let mut input_open = true;
     let result = loop {
         tokio::select! {
             m = ws.next() => match m {
                 Some(Ok(Message::Binary(b))) => {
-                    if ipc::write_data(&mut wr, ipc::STDIN, &b).await.is_err() {
-                        break Err(anyhow!("the session's shim went away"));
+                    if input_open && ipc::write_data(&mut wr, ipc::STDIN, &b).await.is_err() {
+                        input_open = false;
                     }
                 }
                 Some(Ok(Message::Text(t))) => {
@@ -257,8 +261,8 @@ async fn serve_ws_inner(ws: &mut WebSocket, sock: &Path) -> Result<()> {
                             None => break Err(anyhow!("unknown signal {signal:?}")),
                         },
                     };
-                    if ipc::write_json(&mut wr, &msg).await.is_err() {
-                        break Err(anyhow!("the session's shim went away"));
+                    if input_open && ipc::write_json(&mut wr, &msg).await.is_err() {
+                        input_open = false;
                     }
                 }
                 Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => {}

@@ -423,6 +423,14 @@ impl Ws {
             .unwrap();
     }
 
+    /// Send stdin bytes then EOF, ignoring a connection the server already
+    /// closed (the process may have exited first).
+    pub async fn try_stdin_then_eof(&mut self, data: &[u8]) {
+        let _ = self.ws.send(Message::Binary(data.to_vec().into())).await;
+        let eof = serde_json::to_string(&ExecControl::StdinEof).unwrap();
+        let _ = self.ws.send(Message::Text(eof.into())).await;
+    }
+
     /// Wait for the exit code.
     pub async fn exit_code(&mut self, timeout: Duration) -> Option<i32> {
         match self.next_event(timeout).await {
