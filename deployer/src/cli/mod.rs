@@ -1,6 +1,7 @@
 //! The `boxctl` command line.
 
 mod apply;
+mod boxes;
 mod context;
 mod status;
 mod validate;
@@ -68,6 +69,9 @@ enum Command {
     Unlock(UnlockArgs),
     /// Print the stage's desired resource graph as canonical JSON.
     Graph(StageArg),
+    /// Use the deployed platform: create, list, exec into and delete boxes.
+    #[command(subcommand, name = "box")]
+    Box(boxes::BoxCommand),
 }
 
 /// Output format.
@@ -80,10 +84,10 @@ pub enum Output {
 }
 
 #[derive(Debug, Args)]
-struct StageArg {
+pub(crate) struct StageArg {
     /// The stage, as declared under [stages.<name>] in stack.toml.
     #[arg(long, short = 's', env = "BOXCTL_STAGE", value_name = "STAGE")]
-    stage: String,
+    pub(crate) stage: String,
 }
 
 #[derive(Debug, Args)]
@@ -273,6 +277,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await
         }
+        Command::Box(cmd) => boxes::run(cli.stack.as_deref(), cmd, color).await,
         Command::Status(a) => {
             status::status(cli.stack.as_deref(), &a.stage.stage, a.output, color).await
         }
