@@ -285,15 +285,22 @@ pub async fn relay(
     let (mut r_tx, mut r_rx) = runner.split();
     let mut ping = tokio::time::interval(WS_PING_EVERY);
     ping.tick().await;
+    // The runner closes its side once the process exits; input the client
+    // sent meanwhile cannot be delivered, but the exit code is still on its
+    // way: a failed send only stops forwarding input, and the runner's
+    // frames are drained until it closes.
+    let mut runner_input_open = true;
     let reason = loop {
         tokio::select! {
             m = c_rx.next() => match m {
                 Some(Ok(m)) => {
                     let closing = matches!(m, ws::Message::Close(_));
-                    if let Some(t) = to_runner(m)
-                        && r_tx.send(t).await.is_err() {
-                            break "runner connection lost";
-                        }
+                    if runner_input_open
+                        && let Some(t) = to_runner(m)
+                        && r_tx.send(t).await.is_err()
+                    {
+                        runner_input_open = false;
+                    }
                     if closing {
                         break "client closed";
                     }
@@ -314,7 +321,10 @@ pub async fn relay(
                         break "runner closed";
                     }
                 }
-                _ => {
+                other => {
+                    if let Some(Err(e)) = &other {
+                        tracing::warn!(r#box = %box_id, error = %e, "exec session: runner connection failed");
+                    }
                     let _ = c_tx
                         .send(ws::Message::Close(Some(ws::CloseFrame {
                             code: 1011,
@@ -326,7 +336,9 @@ pub async fn relay(
             },
             _ = ping.tick() => {
                 let _ = c_tx.send(ws::Message::Ping(Default::default())).await;
-                let _ = r_tx.send(TMessage::Ping(Default::default())).await;
+                if runner_input_open {
+                    let _ = r_tx.send(TMessage::Ping(Default::default())).await;
+                }
             }
             _ = shutdown.cancelled() => {
                 let _ = c_tx
@@ -345,9 +357,28 @@ pub async fn relay(
             }
         }
     };
+    // Close both sides and finish each closing handshake (read until the
+    // peer's Close, at most 2 s): a socket closed with unread input is reset,
+    // and a reset can destroy frames the peer has not read yet, such as the
+    // exit code just forwarded.
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = c_tx.close().await;
         let _ = r_tx.close().await;
+        let client = async {
+            while let Some(Ok(m)) = c_rx.next().await {
+                if matches!(m, ws::Message::Close(_)) {
+                    break;
+                }
+            }
+        };
+        let runner = async {
+            while let Some(Ok(m)) = r_rx.next().await {
+                if matches!(m, TMessage::Close(_)) {
+                    break;
+                }
+            }
+        };
+        tokio::join!(client, runner);
     })
     .await;
     tracing::debug!(r#box = %box_id, reason, "exec session ended");

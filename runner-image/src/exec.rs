@@ -175,6 +175,17 @@ pub async fn serve_ws(mut ws: WebSocket, sock: std::path::PathBuf) {
         .await;
     }
     let _ = ws.send(Message::Close(None)).await;
+    // Finish the closing handshake: read until the peer's Close (or 2 s).
+    // Closing a socket with unread input resets the connection, and a reset
+    // can destroy the frames just sent, the exit code among them.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(m)) = ws.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 async fn serve_ws_inner(ws: &mut WebSocket, sock: &Path) -> Result<()> {

@@ -354,7 +354,9 @@ async fn interactive(c: &Client, id: Uuid, mut start: ExecStart) -> anyhow::Resu
     let mut stderr = std::io::stderr();
     let mut code: Option<i32> = None;
     while let Some(msg) = rx.next().await {
-        match msg.context("the session broke")? {
+        let msg = msg.context("the session broke")?;
+        tracing::debug!(frame = ?msg, "exec session frame");
+        match msg {
             Message::Binary(data) => {
                 let (tag, bytes) = data.split_first().map_or((0, &[][..]), |(t, b)| (*t, b));
                 match tag {
