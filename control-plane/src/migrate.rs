@@ -164,6 +164,8 @@ pub async fn move_box(state: &AppState, box_id: Uuid, target_name: &str) -> Resu
     })
     .await?;
     tracing::info!(r#box = %box_id, to = target_name, "box moved");
+    // The target holds the copy stopped; it starts it on its next check-in: now.
+    runners::poke(state, target_name);
     boxes::get_any(state, box_id).await
 }
 

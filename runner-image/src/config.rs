@@ -64,6 +64,8 @@ struct RawConfig {
     #[serde(default)]
     capacity_cpu_millicores: Option<u64>,
     #[serde(default)]
+    cpu_overcommit: Option<u64>,
+    #[serde(default)]
     capacity_memory_mib: Option<u64>,
     #[serde(default)]
     capacity_disk_mib: Option<u64>,
@@ -113,8 +115,11 @@ pub struct Config {
     pub default_memory_mib: u64,
     /// Disk reported for a box whose spec says 0.
     pub default_disk_mib: u64,
-    /// Capacity override (default: cores × 1000).
+    /// Capacity override (default: cores × 1000 × `cpu_overcommit`).
     pub capacity_cpu_millicores: Option<u64>,
+    /// How many times the cores are offered to boxes: a box's CPU is a CFS
+    /// quota and most sandboxes idle, so CPU is shared; memory never is.
+    pub cpu_overcommit: u64,
     /// Capacity override (default: MemTotal − reserved).
     pub capacity_memory_mib: Option<u64>,
     /// Capacity override (default: size of the state directory's filesystem).
@@ -219,6 +224,11 @@ impl Config {
             default_memory_mib,
             default_disk_mib: raw.default_disk_mib.unwrap_or(10 * 1024),
             capacity_cpu_millicores: raw.capacity_cpu_millicores,
+            cpu_overcommit: match raw.cpu_overcommit {
+                None => 4,
+                Some(n @ 1..=64) => n,
+                Some(n) => bail!("`cpu_overcommit` must be 1 to 64, not {n}"),
+            },
             capacity_memory_mib: raw.capacity_memory_mib,
             capacity_disk_mib: raw.capacity_disk_mib,
             reserved_memory_mib: raw.reserved_memory_mib.unwrap_or(512),
@@ -350,6 +360,7 @@ state_dir = "data/runners/runner-1"
         assert_eq!(c.cgroup_mode, CgroupMode::Auto);
         assert_eq!(c.box_uid, DEFAULT_BOX_UID);
         assert_eq!(c.pids_per_box, 1024);
+        assert_eq!(c.cpu_overcommit, 4);
     }
 
     #[test]
@@ -378,6 +389,9 @@ state_dir = "data/runners/runner-1"
         assert!(format!("{e:#}").contains("listen"), "{e:#}");
         let e = Config::parse(&format!("{MINIMAL}\nbox_uid = 0\n"), Path::new("/")).unwrap_err();
         assert!(format!("{e:#}").contains("box_uid"), "{e:#}");
+        let e =
+            Config::parse(&format!("{MINIMAL}\ncpu_overcommit = 0\n"), Path::new("/")).unwrap_err();
+        assert!(format!("{e:#}").contains("cpu_overcommit"), "{e:#}");
         let e = Config::parse(
             &format!("{MINIMAL}\ncgroup_parent = \"a/../b\"\n"),
             Path::new("/"),

@@ -29,7 +29,9 @@ pub fn capacity(agent: &Agent) -> Resources {
         .map(|n| n.get() as u64)
         .unwrap_or(1);
     Resources {
-        cpu_millicores: c.capacity_cpu_millicores.unwrap_or(cores * 1000),
+        cpu_millicores: c
+            .capacity_cpu_millicores
+            .unwrap_or(cores * 1000 * c.cpu_overcommit),
         memory_mib: c
             .capacity_memory_mib
             .unwrap_or_else(|| crate::sys::mem_total_mib().saturating_sub(c.reserved_memory_mib)),

@@ -287,6 +287,25 @@ async fn locked<P: Provider>(
         );
     }
     if !pl.has_changes() {
+        if mode == Mode::Deploy {
+            // Nothing to do, but the outputs are known: keep `status` current.
+            let outputs = graph
+                .outputs
+                .iter()
+                .filter_map(|(k, v)| {
+                    crate::engine::plan::resolve_refs(v, &|r: &stack::Ref| {
+                        inventory
+                            .resources
+                            .get(&r.id)
+                            .and_then(|o| o.outputs.get(&r.output))
+                            .cloned()
+                    })
+                    .ok()
+                    .map(|v| (k.clone(), v))
+                })
+                .collect();
+            let _ = journal::save_outputs(store.as_ref(), &outputs).await;
+        }
         return Ok((ExitCode::SUCCESS, false));
     }
     if pl.is_destructive() && !args.yes && !confirm(style, &pl)? {
@@ -322,6 +341,15 @@ async fn locked<P: Provider>(
     if let Err(e) = journal.finish(report.status, report.outputs.clone()).await {
         eprintln!(
             "{} could not write the journal: {e}",
+            style.yellow("warning:")
+        );
+    }
+    if report.status == ApplyStatus::Succeeded
+        && mode == Mode::Deploy
+        && let Err(e) = journal::save_outputs(store.as_ref(), &report.outputs).await
+    {
+        eprintln!(
+            "{} could not record the stage's outputs: {e}",
             style.yellow("warning:")
         );
     }

@@ -3,6 +3,8 @@
 mod apply;
 mod boxes;
 mod context;
+mod decommission;
+mod runner;
 mod status;
 mod validate;
 
@@ -72,6 +74,12 @@ enum Command {
     /// Use the deployed platform: create, list, exec into and delete boxes.
     #[command(subcommand, name = "box")]
     Box(boxes::BoxCommand),
+    /// Operate runners: roll out a new runner binary.
+    #[command(subcommand)]
+    Runner(runner::RunnerCommand),
+    /// Retire one runner: drain it, empty it (--migrate or --wait), then stop
+    /// and remove it and deregister it.
+    Decommission(decommission::DecommissionArgs),
 }
 
 /// Output format.
@@ -167,7 +175,7 @@ struct UnlockArgs {
 }
 
 /// Parse `90`, `90s`, `5m`, `1h`.
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num
@@ -278,6 +286,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
         }
         Command::Box(cmd) => boxes::run(cli.stack.as_deref(), cmd, color).await,
+        Command::Runner(cmd) => runner::run(cli.stack.as_deref(), cmd, color).await,
+        Command::Decommission(a) => decommission::run(cli.stack.as_deref(), a, color).await,
         Command::Status(a) => {
             status::status(cli.stack.as_deref(), &a.stage.stage, a.output, color).await
         }

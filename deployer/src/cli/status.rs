@@ -47,7 +47,9 @@ pub async fn status(
     let stage_cfg = loaded.stack.stage(stage)?;
     let target = context::target(&loaded, stage_cfg)?;
     let store = target.store.as_ref();
-    let last = journal::latest(store).await?;
+    let last = journal::latest_matching(store, journal::is_deploy).await?;
+    let latest = journal::latest(store).await?;
+    let last_operation = latest.filter(|l| !journal::is_deploy(l));
     let held = lock::read(store).await?.map(|(i, _)| i);
     let this_host = Holder::current("").host;
     let live_lock = held
@@ -63,14 +65,15 @@ pub async fn status(
         ApplyStatus::Failed => "failed",
         ApplyStatus::Interrupted => "interrupted",
     };
-    let outputs = last.as_ref().map(|d| d.outputs.clone()).unwrap_or_default();
+    let outputs = journal::outputs(store).await?;
     if output == Output::Json {
         let v = serde_json::json!({
             "stack": loaded.stack.name,
             "stage": stage,
             "target": stage_cfg.target,
             "outputs": outputs,
-            "last_deploy": last.as_ref().map(|d| last_deploy_json(d, status_of(d))),
+                        "last_deploy": last.as_ref().map(|d| last_deploy_json(d, status_of(d))),
+            "last_operation": last_operation.as_ref().map(|d| last_deploy_json(d, status_of(d))),
             "lock": live_lock,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -115,19 +118,35 @@ pub async fn status(
                     StepStatus::Running => style.yellow("in flight"),
                     _ => style.dim("skipped"),
                 };
+                let first = step.error.as_deref().and_then(|e| e.lines().next());
                 println!(
                     "  {what} {:?} {}{}",
                     step.action,
                     step.id,
-                    step.error
-                        .as_ref()
-                        .map(|e| format!(": {e}"))
-                        .unwrap_or_default()
+                    first.map(|e| format!(": {e}")).unwrap_or_default()
                 );
             }
             for n in &d.notes {
                 println!("  note: {n}");
             }
+        }
+    }
+    if let Some(op) = &last_operation {
+        let st = status_of(op);
+        println!(
+            "Since then: {}, {st}, started {}",
+            op.command,
+            fmt_time(op.started_at)
+        );
+        for step in op.steps.iter().filter(|s| s.status == StepStatus::Failed) {
+            let first = step
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .lines()
+                .next()
+                .unwrap_or("");
+            println!("  {} {}: {first}", style.danger("failed"), step.id);
         }
     }
     if !outputs.is_empty() {

@@ -188,6 +188,7 @@ fn steps<'p>(plan: &'p Plan, kinds: &[KindSpec]) -> Vec<Step<'p>> {
                 .get(id)
                 .into_iter()
                 .flatten()
+                .filter(|d| **d != id)
                 .filter_map(|d| in_bucket.get(d).copied())
                 .collect();
             out[i].deps.extend(extra);
@@ -365,6 +366,27 @@ pub async fn apply<P: Provider>(
             .map(|(id, a)| (id.to_string(), *a))
             .collect();
         j.steps_skipped(&skipped);
+    }
+    if report.failed.is_empty() && !cancel.is_cancelled() && !report.skipped.is_empty() {
+        // Nothing failed and nobody stopped us, yet steps never became ready:
+        // their dependencies form a cycle. That is a failure, not a success.
+        let (id, action) = report.skipped[0].clone();
+        let stuck: Vec<String> = report
+            .skipped
+            .iter()
+            .map(|(id, _)| id.to_string())
+            .collect();
+        report.failed.push((
+            id,
+            action,
+            ProviderError::hard(
+                "schedule",
+                format!(
+                    "steps never became ready (a dependency cycle): {}",
+                    stuck.join(", ")
+                ),
+            ),
+        ));
     }
     if !report.failed.is_empty() {
         report.status = ApplyStatus::Failed;

@@ -322,18 +322,57 @@ impl Journal {
     }
 }
 
+/// Key of the stage's outputs, written by every successful deploy.
+pub const OUTPUTS_KEY: &str = "outputs.json";
+
 /// The most recent journal of the stage, if any.
 pub async fn latest(store: &dyn StateStore) -> Result<Option<JournalDoc>, StoreError> {
+    latest_matching(store, |_| true).await
+}
+
+/// The most recent journal (of the ones kept) that `wanted` accepts.
+pub async fn latest_matching(
+    store: &dyn StateStore,
+    wanted: impl Fn(&JournalDoc) -> bool,
+) -> Result<Option<JournalDoc>, StoreError> {
     let keys = store.list(PREFIX).await?;
-    let Some(key) = keys.last() else {
-        return Ok(None);
-    };
-    match store.get(key).await? {
-        None => Ok(None),
-        Some((body, _)) => serde_json::from_slice(&body)
-            .map(Some)
-            .map_err(|e| StoreError::Other(format!("journal {key} is unreadable: {e}"))),
+    for key in keys.iter().rev() {
+        let Some((body, _)) = store.get(key).await? else {
+            continue;
+        };
+        let doc: JournalDoc = serde_json::from_slice(&body)
+            .map_err(|e| StoreError::Other(format!("journal {key} is unreadable: {e}")))?;
+        if wanted(&doc) {
+            return Ok(Some(doc));
+        }
     }
+    Ok(None)
+}
+
+/// Record the stage's outputs after a successful deploy.
+pub async fn save_outputs(
+    store: &dyn StateStore,
+    outputs: &BTreeMap<String, Value>,
+) -> Result<(), StoreError> {
+    let body = serde_json::to_vec_pretty(outputs).expect("outputs serialize");
+    store
+        .put(OUTPUTS_KEY, body, Condition::None)
+        .await
+        .map(|_| ())
+}
+
+/// The outputs of the last successful deploy.
+pub async fn outputs(store: &dyn StateStore) -> Result<BTreeMap<String, Value>, StoreError> {
+    match store.get(OUTPUTS_KEY).await? {
+        None => Ok(BTreeMap::new()),
+        Some((body, _)) => serde_json::from_slice(&body)
+            .map_err(|e| StoreError::Other(format!("{OUTPUTS_KEY} is unreadable: {e}"))),
+    }
+}
+
+/// True for a journal of `deploy` or `destroy` (not of an operation such as an upgrade).
+pub fn is_deploy(doc: &JournalDoc) -> bool {
+    doc.command.starts_with("boxctl deploy") || doc.command.starts_with("boxctl destroy")
 }
 
 async fn prune(store: &dyn StateStore) {

@@ -787,3 +787,39 @@ async fn a_crash_after_any_step_then_a_rerun_converges_through_updates_replaceme
     // network, app/c created, app/b deleted; app/a keeps its host and is unchanged.
     assert_eq!(n, 6);
 }
+
+#[tokio::test]
+async fn steps_that_can_never_run_fail_the_apply_instead_of_passing_as_done() {
+    let world = Arc::new(World::default());
+    let g = graph(vec![
+        Resource::new("app/a", "mem.app"),
+        Resource::new("app/b", "mem.app"),
+    ]);
+    let p = Mem(world.clone());
+    let inv = p.observe().await.unwrap();
+    let mut pl = plan(&g, &inv, KINDS, Mode::Deploy);
+    // A cycle the graph check would refuse, as a hand-made plan could carry it.
+    pl.deps
+        .insert("app/a".into(), [ResourceId::from("app/b")].into());
+    pl.deps
+        .insert("app/b".into(), [ResourceId::from("app/a")].into());
+    let report = apply(
+        &p,
+        &g,
+        &pl,
+        &inv,
+        None,
+        &opts(4),
+        &Quiet,
+        &CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(report.status, ApplyStatus::Failed);
+    assert_eq!(report.skipped.len(), 2);
+    assert!(
+        report.failed[0].2.message.contains("dependency cycle"),
+        "{:?}",
+        report.failed
+    );
+    assert!(world.things.lock().unwrap().is_empty());
+}

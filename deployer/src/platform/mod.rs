@@ -1,4 +1,6 @@
 //! Operating a deployed platform through its control plane.
 
+pub mod artifact;
 pub mod client;
+pub mod rollout;
 pub mod verify;

@@ -1,0 +1,371 @@
+//! `boxctl decommission RUNNER`: drain, empty (wait or migrate), then retire
+//! one runner: one guarded command, journaled like a deploy.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use protocol::{BoxInfo, BoxState, RunnerState};
+use stack::{ResourceId, Target};
+
+use super::StageArg;
+use super::context::{self, Loaded, Providers};
+use crate::engine::apply::{ApplyOptions, apply};
+use crate::engine::journal::{ApplyStatus, Journal};
+use crate::engine::lock::{self, Holder, LockRequest, SystemClock};
+use crate::engine::plan::{Action, Change, Mode, Plan, Summary};
+use crate::engine::provider::Provider;
+use crate::platform::client::Client;
+use crate::render::{ColorChoice, ProgressPrinter, Style, human_duration};
+
+/// `boxctl decommission`.
+#[derive(Debug, Args)]
+pub struct DecommissionArgs {
+    /// The runner to retire (`runner-3`).
+    runner: String,
+    #[command(flatten)]
+    stage: StageArg,
+    /// Move each box to another ready runner (same id, same files) instead of
+    /// waiting for the boxes to go.
+    #[arg(long)]
+    migrate: bool,
+    /// Wait this long for the runner's boxes to be deleted by their owners
+    /// (e.g. 30m); without it (or --migrate), boxes on the runner stop the command.
+    #[arg(long, value_parser = super::parse_duration, value_name = "DURATION")]
+    wait: Option<Duration>,
+    /// Do not ask before retiring the runner.
+    #[arg(long, short = 'y')]
+    yes: bool,
+}
+
+fn describe(b: &BoxInfo) -> String {
+    let labels: Vec<String> = b.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!(
+        "{} ({}{})",
+        b.id,
+        format!("{:?}", b.state).to_lowercase(),
+        if labels.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", labels.join(","))
+        }
+    )
+}
+
+/// The live boxes pinned to `runner`.
+async fn boxes_on(client: &Client, runner: &str) -> anyhow::Result<Vec<BoxInfo>> {
+    Ok(client
+        .runner_boxes(runner)
+        .await?
+        .into_iter()
+        .filter(|b| b.state != BoxState::Deleted)
+        .collect())
+}
+
+/// Move every box off `runner`, each to the ready, schedulable runner with
+/// the most free memory at that moment.
+async fn migrate(
+    client: &Client,
+    runner: &str,
+    boxes: &[BoxInfo],
+    style: &Style,
+) -> anyhow::Result<()> {
+    for b in boxes {
+        let targets: Vec<_> = client
+            .runners()
+            .await?
+            .into_iter()
+            .filter(|r| r.name != runner && r.state == RunnerState::Ready && !r.draining)
+            .collect();
+        let Some(target) = targets
+            .iter()
+            .max_by_key(|r| r.capacity.memory_mib.saturating_sub(r.allocated.memory_mib))
+        else {
+            bail!(
+                "no other runner is ready to take box {}; add or undrain a runner, then run again",
+                b.id
+            );
+        };
+        let t0 = Instant::now();
+        eprintln!("{} moving box {} to {}", style.dim("·"), b.id, target.name);
+        client
+            .move_box(b.id, &target.name)
+            .await
+            .with_context(|| format!("moving box {} to {}", b.id, target.name))?;
+        // Moved means back in the state it had, on the new runner.
+        if b.desired_state == BoxState::Running {
+            crate::platform::verify::wait_box(
+                client,
+                b.id,
+                BoxState::Running,
+                Duration::from_secs(60),
+            )
+            .await
+            .with_context(|| format!("box {} did not start again on {}", b.id, target.name))?;
+        }
+        eprintln!(
+            "{} box {} now on {} ({})",
+            style.green("✓"),
+            b.id,
+            target.name,
+            human_duration(t0.elapsed())
+        );
+    }
+    Ok(())
+}
+
+fn confirm(style: &Style, runner: &str, stage: &str) -> anyhow::Result<()> {
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "decommissioning {runner} stops it and removes its state; rerun with --yes to confirm"
+        );
+    }
+    eprint!(
+        "{} this stops {runner} of stage {stage} and removes its state. Type {} to continue: ",
+        style.danger("warning:"),
+        style.bold(runner)
+    );
+    std::io::stderr().flush().ok();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    if line.trim() != runner {
+        bail!("not confirmed; {runner} stays (draining)");
+    }
+    Ok(())
+}
+
+/// Run `boxctl decommission`.
+pub async fn run(
+    explicit: Option<&Path>,
+    a: DecommissionArgs,
+    color: ColorChoice,
+) -> anyhow::Result<ExitCode> {
+    let loaded = context::load(explicit, color)?;
+    let stage = loaded.stack.stage(&a.stage.stage)?.clone();
+    let style = Style::stderr(color);
+    if stage.target != Target::Local {
+        bail!("decommissioning an aws runner is not in this build yet");
+    }
+    let client = context::control_plane(&loaded, &stage)?;
+    let target = context::target(&loaded, &stage)?;
+    let command = format!("boxctl decommission {} --stage {}", a.runner, stage.name);
+    let holder = Holder::current(&command);
+    let lock = Arc::new(
+        lock::acquire(
+            Arc::clone(&target.store),
+            Arc::new(SystemClock),
+            LockRequest {
+                stack: &loaded.stack.name,
+                stage: &stage.name,
+                holder: holder.clone(),
+                lease: Duration::from_secs(60),
+                wait: Duration::ZERO,
+            },
+            |_| {},
+        )
+        .await?,
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let renewal = lock.keep_alive(stop.clone(), tokio_util::sync::CancellationToken::new());
+    let result = locked(
+        &loaded, &stage, &a, &client, &target, &command, holder, &style,
+    )
+    .await;
+    stop.cancel();
+    let _ = renewal.await;
+    lock.release().await?;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn locked(
+    loaded: &Loaded,
+    stage: &stack::Stage,
+    a: &DecommissionArgs,
+    client: &Client,
+    target: &context::StageTarget,
+    command: &str,
+    holder: Holder,
+    style: &Style,
+) -> anyhow::Result<ExitCode> {
+    let name = a.runner.as_str();
+    let Providers::Local(provider) = &target.providers;
+    let inventory = provider.observe().await.context("observing the stage")?;
+    let prefix_ids: BTreeSet<ResourceId> = [
+        format!("runner/{name}"),
+        format!("registration/{name}"),
+        format!("secret/{name}-token"),
+        format!("config/{name}"),
+    ]
+    .into_iter()
+    .map(ResourceId::new)
+    .collect();
+    let mine: Vec<_> = inventory
+        .resources
+        .values()
+        .filter(|o| prefix_ids.contains(&o.id))
+        .cloned()
+        .collect();
+    let registered = match client.runner(name).await {
+        Ok(r) => Some(r),
+        Err(e) if e.status() == Some(404) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if mine.is_empty()
+        && registered
+            .as_ref()
+            .is_none_or(|r| r.state == RunnerState::Decommissioned)
+    {
+        bail!(
+            "stage {:?} has no runner {name:?} to decommission",
+            stage.name
+        );
+    }
+
+    // 1. No new boxes.
+    if registered
+        .as_ref()
+        .is_some_and(|r| r.state != RunnerState::Decommissioned)
+    {
+        client.drain(name).await.context("draining the runner")?;
+        eprintln!(
+            "{} {name} is draining: it gets no new boxes",
+            style.dim("·")
+        );
+    }
+    // 2. Empty it.
+    let mut boxes = if registered.is_some() {
+        boxes_on(client, name).await?
+    } else {
+        Vec::new()
+    };
+    if !boxes.is_empty() && a.migrate {
+        migrate(client, name, &boxes, style).await?;
+        boxes = boxes_on(client, name).await?;
+    }
+    if !boxes.is_empty()
+        && let Some(wait) = a.wait
+    {
+        eprintln!(
+            "{} waiting up to {} for {} box(es) to go",
+            style.dim("·"),
+            human_duration(wait),
+            boxes.len()
+        );
+        let deadline = Instant::now() + wait;
+        while !boxes.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            boxes = boxes_on(client, name).await?;
+        }
+    }
+    if !boxes.is_empty() {
+        let list: Vec<String> = boxes.iter().map(describe).collect();
+        bail!(
+            "{name} still has {} box(es): {}. It stays draining. Move them with --migrate, wait for them with --wait, or delete them, then run again",
+            boxes.len(),
+            list.join(", ")
+        );
+    }
+    if !a.yes {
+        confirm(style, name, &stage.name)?;
+    }
+
+    // 3. Retire: its process (after purging boxes), registration, token and
+    // configuration, journaled like any apply. Protection is lifted for this
+    // one deliberate command.
+    let changes: Vec<Change> = mine
+        .iter()
+        .map(|o| Change {
+            id: o.id.clone(),
+            kind: o.kind.clone(),
+            action: Action::Delete,
+            fields: Vec::new(),
+            reason: Some("decommissioned".into()),
+            desired: None,
+            observed: Some(o.clone()),
+        })
+        .collect();
+    // The process goes before what it stands on.
+    let process = ResourceId::new(format!("runner/{name}"));
+    let mut deps = BTreeMap::new();
+    deps.insert(
+        process.clone(),
+        prefix_ids
+            .iter()
+            .filter(|id| **id != process)
+            .cloned()
+            .collect(),
+    );
+    let plan = Plan {
+        stack: loaded.stack.name.clone(),
+        stage: stage.name.clone(),
+        mode: Mode::Destroy,
+        summary: Summary {
+            delete: changes.len(),
+            ..Summary::default()
+        },
+        changes,
+        errors: Vec::new(),
+        deps,
+    };
+    let journal = Journal::start(
+        Arc::clone(&target.store),
+        &plan,
+        command,
+        holder,
+        Vec::new(),
+    )
+    .await?;
+    let graph = stack::DesiredGraph::new(&loaded.stack.name, &stage.name, stage.target);
+    let report = apply(
+        provider,
+        &graph,
+        &plan,
+        &inventory,
+        Some(&journal),
+        &ApplyOptions::default(),
+        &ProgressPrinter::new(*style),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+    journal.finish(report.status, Default::default()).await?;
+    if report.status != ApplyStatus::Succeeded {
+        let why: Vec<String> = report
+            .failed
+            .iter()
+            .map(|(id, _, e)| format!("{id}: {e}"))
+            .collect();
+        bail!("retiring {name} failed: {}", why.join("; "));
+    }
+    let state_dir = provider.stage_dir().join("data/runners").join(name);
+    if state_dir.exists() {
+        std::fs::remove_dir_all(&state_dir)
+            .with_context(|| format!("removing {}", state_dir.display()))?;
+    }
+    // 4. Deregistered, even if its registration record was gone.
+    match client.decommission(name, false).await {
+        Ok(_) => {}
+        Err(e) if e.status() == Some(404) => {}
+        Err(e) => return Err(e).context("deregistering the runner"),
+    }
+    let declared = loaded
+        .stack
+        .resolve(&stage.name)?
+        .resources
+        .contains_key(&ResourceId::new(format!("runner/{name}")));
+    eprintln!(
+        "{} {name} is decommissioned{}",
+        style.green("done:"),
+        if declared {
+            "; it is still declared in stack.toml, so the next deploy brings it back fresh"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
