@@ -124,8 +124,9 @@ impl AdminResponse {
 /// Serve the admin socket until the process exits.
 pub async fn serve(agent: Arc<Agent>, path: PathBuf) -> Result<()> {
     let _ = std::fs::remove_file(&path);
+    let (_dir, addr) = crate::sys::socket_addr_path(&path)?;
     let listener =
-        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+        UnixListener::bind(&addr).with_context(|| format!("binding {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     let me = nix::unistd::geteuid().as_raw();
@@ -212,7 +213,8 @@ pub struct AdminClient {
 impl AdminClient {
     /// Connect to the socket at `path`.
     pub async fn connect(path: &Path) -> Result<AdminClient> {
-        let s = tokio::time::timeout(Duration::from_secs(2), UnixStream::connect(path))
+        let (_dir, addr) = crate::sys::socket_addr_path(path)?;
+        let s = tokio::time::timeout(Duration::from_secs(2), UnixStream::connect(&addr))
             .await
             .map_err(|_| anyhow!("timed out connecting to {}", path.display()))?
             .with_context(|| format!("connecting to {} (is the agent running?)", path.display()))?;

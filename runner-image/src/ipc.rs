@@ -237,7 +237,8 @@ pub fn parse<T: for<'de> Deserialize<'de>>(raw: &[u8]) -> Result<T> {
 
 /// Connect to a shim's socket.
 pub async fn connect(sock: &Path) -> Result<UnixStream> {
-    tokio::time::timeout(Duration::from_secs(2), UnixStream::connect(sock))
+    let (_dir, addr) = crate::sys::socket_addr_path(sock)?;
+    tokio::time::timeout(Duration::from_secs(2), UnixStream::connect(&addr))
         .await
         .map_err(|_| anyhow!("timed out connecting to {}", sock.display()))?
         .with_context(|| format!("connecting to {}", sock.display()))

@@ -148,7 +148,8 @@ fn setup(
     handle.enter_pid_namespace()?;
     let sock = socket_path(box_dir);
     let _ = std::fs::remove_file(&sock);
-    let listener = std::os::unix::net::UnixListener::bind(&sock)
+    let (_dir, addr) = crate::sys::socket_addr_path(&sock)?;
+    let listener = std::os::unix::net::UnixListener::bind(&addr)
         .with_context(|| format!("binding {}", sock.display()))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;

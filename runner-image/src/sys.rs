@@ -407,3 +407,54 @@ mod tests {
         assert!(!ct_eq(b"abc", b"ab"));
     }
 }
+
+/// A path to bind or connect a unix socket at `path` with: `path` itself when
+/// it fits in `sockaddr_un` (108 bytes), else `/proc/self/fd/<dir>/<name>`
+/// through an open descriptor of its directory, returned alongside and to be
+/// kept open until the bind or connect is done. Deep state directories (a long
+/// home, a box id) would otherwise make sockets impossible to create.
+pub fn socket_addr_path(path: &Path) -> std::io::Result<(Option<OwnedFd>, std::path::PathBuf)> {
+    const FITS: usize = 100;
+    if path.as_os_str().len() < FITS {
+        return Ok((None, path.to_path_buf()));
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(std::io::Error::other(format!(
+            "{} has no directory",
+            path.display()
+        )));
+    };
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir)?;
+    let fd: OwnedFd = dir.into();
+    let short = std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())).join(name);
+    Ok((Some(fd), short))
+}
+
+#[cfg(test)]
+mod socket_path_tests {
+    use super::*;
+
+    #[test]
+    fn sockets_bind_and_connect_under_a_directory_too_deep_for_sockaddr_un() {
+        let tmp = tempfile::tempdir().unwrap();
+        let deep = tmp.path().join("a".repeat(60)).join("b".repeat(60));
+        std::fs::create_dir_all(&deep).unwrap();
+        let sock = deep.join("shim.sock");
+        assert!(sock.as_os_str().len() > 108);
+        assert!(
+            std::os::unix::net::UnixListener::bind(&sock).is_err(),
+            "too long for a plain bind"
+        );
+        let (_d, addr) = socket_addr_path(&sock).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(&addr).unwrap();
+        assert!(sock.exists(), "the socket is created at the real path");
+        let (_d2, addr2) = socket_addr_path(&sock).unwrap();
+        let _client = std::os::unix::net::UnixStream::connect(&addr2).unwrap();
+        let (_conn, _) = listener.accept().unwrap();
+        let (none, same) = socket_addr_path(Path::new("/run/x.sock")).unwrap();
+        assert!(none.is_none() && same == Path::new("/run/x.sock"));
+    }
+}
