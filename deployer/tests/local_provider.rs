@@ -401,3 +401,47 @@ async fn destroy_stops_processes_and_removes_files() {
     assert!(inv.resources.is_empty());
     assert!(!Path::new(&s.path(".boxctl/resources/process~web.json")).exists());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_services_children_are_not_copies_of_it_and_stop_with_it() {
+    let s = Stage::new();
+    let mut g = DesiredGraph::new(&s.stack, "dev", Target::Local);
+    // A service that forks a worker, as real servers do; the worker inherits the marker.
+    let script = format!(
+        "sleep 1000 & echo $! > worker.pid; exec python3 -m http.server {} --bind 127.0.0.1",
+        s.port
+    );
+    g.add(
+        Resource::new("service/forking", kinds::LOCAL_PROCESS)
+            .prop("program", "sh")
+            .prop("args", Value::strs(["-c", script.as_str()]))
+            .prop("env", Value::Map(Default::default()))
+            .prop("health", format!("tcp://127.0.0.1:{}", s.port))
+            .prop("log", "logs/forking.log")
+            .prop("running", true),
+    )
+    .unwrap();
+    let (_, r) = s.apply(&g, Mode::Deploy).await;
+    assert_eq!(r.status, ApplyStatus::Succeeded, "{:?}", r.failed);
+    let worker: i32 = std::fs::read_to_string(s.path("worker.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let worker = ProcId::of(worker).expect("the worker runs");
+    let inv = s.provider().observe().await.unwrap();
+    assert!(
+        inv.duplicates.is_empty(),
+        "the worker is not a second copy: {:?}",
+        inv.duplicates
+    );
+    let mut g2 = g.clone();
+    assert!(!s.plan(&mut g2, Mode::Deploy).await.1.has_changes());
+    // Deleting the service stops its group: the worker goes too.
+    let (_, r) = s.apply(&g, Mode::Destroy).await;
+    assert_eq!(r.status, ApplyStatus::Succeeded, "{:?}", r.failed);
+    assert!(
+        testkit::wait_until(Duration::from_secs(10), || !worker.is_alive()),
+        "the worker was left running"
+    );
+}

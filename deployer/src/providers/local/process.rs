@@ -35,24 +35,33 @@ pub fn boot_id() -> String {
         .map_or_else(|_| String::new(), |s| s.trim().to_string())
 }
 
-/// Start time and state of a pid, or `None` when it does not exist.
-fn stat(pid: i32) -> Option<(u64, char)> {
+/// Fields of `/proc/<pid>/stat` this module needs.
+struct Stat {
+    start: u64,
+    state: char,
+    session: i32,
+}
+
+/// Start time, state and session of a pid, or `None` when it does not exist.
+fn stat(pid: i32) -> Option<Stat> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name is in parentheses and may contain spaces: split after the last ')'.
     let rest = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let state = fields.first()?.chars().next()?;
-    // Field 22 overall is index 19 after the state (field 3).
-    let start = fields.get(19)?.parse().ok()?;
-    Some((start, state))
+    // Indices count from field 3 (state): session is field 6, start time field 22.
+    Some(Stat {
+        state: fields.first()?.chars().next()?,
+        session: fields.get(3)?.parse().ok()?,
+        start: fields.get(19)?.parse().ok()?,
+    })
 }
 
 impl ProcId {
     /// Identify a live pid.
     pub fn of(pid: i32) -> Option<ProcId> {
-        stat(pid).map(|(start_time, _)| ProcId {
+        stat(pid).map(|s| ProcId {
             pid,
-            start_time,
+            start_time: s.start,
             boot_id: boot_id(),
         })
     }
@@ -62,11 +71,14 @@ impl ProcId {
         if self.boot_id != boot_id() {
             return false;
         }
-        matches!(stat(self.pid), Some((start, state)) if start == self.start_time && state != 'Z' && state != 'X')
+        matches!(stat(self.pid), Some(s) if s.start == self.start_time && s.state != 'Z' && s.state != 'X')
     }
 }
 
-/// Every live process carrying a marker that starts with `prefix`, by marker value.
+/// Every live supervised process carrying a marker that starts with
+/// `prefix`, by marker value. A supervised process is the session leader
+/// boxctl started; its children inherit the marker but are not leaders, so
+/// a service's workers are never taken for copies of the service.
 pub fn scan(prefix: &str) -> BTreeMap<String, Vec<ProcId>> {
     let mut found: BTreeMap<String, Vec<ProcId>> = BTreeMap::new();
     let Ok(entries) = fs::read_dir("/proc") else {
@@ -89,7 +101,8 @@ pub fn scan(prefix: &str) -> BTreeMap<String, Vec<ProcId>> {
                 .ok()
                 .and_then(|v| v.strip_prefix(&needle))
             {
-                if let Some(id) = ProcId::of(pid).filter(ProcId::is_alive) {
+                let leader = stat(pid).is_some_and(|s| s.session == pid);
+                if let Some(id) = ProcId::of(pid).filter(|p| leader && p.is_alive()) {
                     found
                         .entry(format!("{prefix}{value}"))
                         .or_default()
@@ -167,13 +180,23 @@ pub fn spawn(spec: &Spec<'_>) -> std::io::Result<(ProcId, u64)> {
     Ok((id, offset))
 }
 
-/// SIGTERM, then SIGKILL after `grace`; true if it is gone.
+/// SIGTERM, then SIGKILL after `grace`; true if it is gone. The signals go
+/// to the process group the daemon leads, so children it left in its group
+/// go with it; processes that made their own session (a runner's box shims)
+/// are not in it and stay.
 pub fn stop(id: &ProcId, grace: Duration) -> bool {
     if !id.is_alive() {
         return true;
     }
-    let pid = Pid::from_raw(id.pid);
-    let _ = kill(pid, Signal::SIGTERM);
+    let leader = stat(id.pid).is_some_and(|s| s.session == id.pid);
+    let signal = |sig: Signal| {
+        if leader {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(id.pid), sig);
+        } else {
+            let _ = kill(Pid::from_raw(id.pid), sig);
+        }
+    };
+    signal(Signal::SIGTERM);
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if !id.is_alive() {
@@ -182,7 +205,7 @@ pub fn stop(id: &ProcId, grace: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     if id.is_alive() {
-        let _ = kill(pid, Signal::SIGKILL);
+        signal(Signal::SIGKILL);
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
