@@ -15,9 +15,10 @@ pub struct Stage {
     pub runners: u32,
 }
 
-/// Where cargo put the platform binaries.
+/// Where cargo put the platform binaries (`BOXLITE_BIN_DIR` overrides).
 pub fn bin_dir() -> PathBuf {
-    let dir = testkit::target_bin_dir();
+    let dir =
+        std::env::var_os("BOXLITE_BIN_DIR").map_or_else(testkit::target_bin_dir, PathBuf::from);
     for b in ["boxctl", "boxlite-control-plane", "boxlite-runner"] {
         assert!(
             dir.join(b).is_file(),
