@@ -325,7 +325,12 @@ fn load_balancers_terminate_tls_and_keep_websockets_open() {
     );
     assert_eq!(
         get(&g, "cert/api").props["alternative_names"],
-        Value::strs(["docs.boxlite.example.com"])
+        Value::List(Vec::new())
+    );
+    assert_eq!(s(&g, "cert/svc-docs", "domain"), "docs.boxlite.example.com");
+    assert_eq!(
+        get(&g, "rule/svc-docs").props["certificate"],
+        Value::reference("cert/svc-docs", "arn")
     );
     assert_eq!(s(&g, "rule/svc-docs", "host"), "docs.boxlite.example.com");
     assert!(s(&g, "lb/proxy", "name").len() <= 32);

@@ -741,20 +741,24 @@ fn load_balancers(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError>
     let public_services: Vec<_> = c.stage.services.iter().filter(|s| s.public).collect();
 
     // Certificates, validated by DNS; the validation records are outputs of
-    // the certificate, for whoever serves the zone to publish.
-    let mut api_sans: Vec<String> = public_services
-        .iter()
-        .map(|s| format!("{}.{domain}", s.name))
-        .collect();
-    api_sans.sort();
-    let certs = [
-        ("api", format!("api.{domain}"), api_sans),
+    // the certificate, for whoever serves the zone to publish. Each public
+    // service has its own certificate (attached to the API listener by its
+    // rule), so adding one never replaces a certificate in use.
+    let mut certs = vec![
+        ("api".to_string(), format!("api.{domain}"), Vec::new()),
         (
-            "proxy",
+            "proxy".to_string(),
             format!("proxy.{domain}"),
             vec![format!("*.proxy.{domain}")],
         ),
     ];
+    for svc in &public_services {
+        certs.push((
+            format!("svc-{}", svc.name),
+            format!("{}.{domain}", svc.name),
+            Vec::new(),
+        ));
+    }
     for (name, domain_name, sans) in &certs {
         g.add(
             Resource::new(format!("cert/{name}"), AWS_CERTIFICATE)
@@ -891,7 +895,12 @@ fn load_balancers(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError>
                 .prop("listener", Value::reference("listener/api-https", "arn"))
                 .prop("priority", priority)
                 .prop("host", format!("{}.{domain}", svc.name))
-                .prop("target_group", Value::reference(&id, "arn")),
+                .prop("target_group", Value::reference(&id, "arn"))
+                .prop(
+                    "certificate",
+                    Value::reference(&format!("cert/svc-{}", svc.name), "arn"),
+                )
+                .dep(&format!("certvalidation/svc-{}", svc.name)),
         )?;
     }
     Ok(())
@@ -1191,6 +1200,12 @@ fn runners(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError> {
 
 fn outputs(c: &Ctx<'_>, g: &mut DesiredGraph) {
     let domain = c.domain;
+    let validation: Vec<Value> = g
+        .resources
+        .values()
+        .filter(|r| r.kind == AWS_CERTIFICATE)
+        .map(|r| Value::reference(r.id.as_str(), "validation_records"))
+        .collect();
     let o = &mut g.outputs;
     o.insert(
         "api_url".into(),
@@ -1218,10 +1233,7 @@ fn outputs(c: &Ctx<'_>, g: &mut DesiredGraph) {
     o.insert("cluster".into(), Value::reference("cluster/main", "name"));
     o.insert(
         "certificate_validation_records".into(),
-        Value::List(vec![
-            Value::reference("cert/api", "validation_records"),
-            Value::reference("cert/proxy", "validation_records"),
-        ]),
+        Value::List(validation),
     );
     if c.stage.runners > 0 {
         o.insert(
