@@ -187,14 +187,6 @@ pub async fn create(
             Some(arn.to_string()),
         ));
     }
-    // ACM's token: at most 32 word characters; the same for a rerun.
-    let full = ctx.idempotency_token(id);
-    let token: String = full
-        .trim_start_matches("boxctl-")
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .take(32)
-        .collect();
     let t: Vec<Tag> = p
         .tags_for(id, &d.policy, ctx.generation)
         .into_iter()
@@ -205,35 +197,35 @@ pub async fn create(
     let domain = pr.str("domain")?;
     let mut names = vec![domain.to_string()];
     names.extend(sans);
-    let r =
-        p.c.acm
-            .request_certificate()
-            .domain_name(domain)
-            .set_subject_alternative_names(Some(names))
-            .validation_method(ValidationMethod::Dns)
-            .idempotency_token(token)
-            .set_tags(Some(t))
-            .send()
-            .await
-            .or_fail("RequestCertificate", id)?;
-    let arn = r.certificate_arn().unwrap_or_default().to_string();
-    // The validation records appear a few seconds after the request.
-    let records = wait::until(
-        id,
-        "DescribeCertificate",
-        "the DNS validation records",
-        Bounds::up_to(Duration::from_secs(120)),
-        "run deploy again; the certificate is found by its tags",
-        || async {
-            match describe(p, id, &arn).await? {
-                Some(d) if d.records.as_list().is_some_and(|l| !l.is_empty()) => {
-                    Ok(Poll::Ready(d.records))
-                }
-                _ => Ok(Poll::Pending("records not assigned yet".into())),
-            }
-        },
-    )
-    .await?;
+    // ACM answers a token with its certificate for an hour, even after that
+    // certificate was deleted: a token whose certificate never becomes
+    // visible is stale, and the next salt is tried.
+    let mut found = None;
+    for salt in 0..=super::MAX_SALT {
+        let r =
+            p.c.acm
+                .request_certificate()
+                .domain_name(domain)
+                .set_subject_alternative_names(Some(names.clone()))
+                .validation_method(ValidationMethod::Dns)
+                .idempotency_token(super::token(ctx, id, salt, 32, true))
+                .set_tags(Some(t.clone()))
+                .send()
+                .await
+                .or_fail("RequestCertificate", id)?;
+        let arn = r.certificate_arn().unwrap_or_default().to_string();
+        if let Some(records) = validation_records(p, id, &arn).await? {
+            found = Some((arn, records));
+            break;
+        }
+    }
+    let (arn, records) = found.ok_or_else(|| {
+        ProviderError::hard(
+            "RequestCertificate",
+            format!("{id}: every idempotency token answered with a deleted certificate"),
+        )
+        .with_hint("wait an hour for ACM to forget the old tokens, then deploy again")
+    })?;
     Ok(p.after(
         ctx,
         d,
@@ -243,6 +235,43 @@ pub async fn create(
         ]),
         Some(arn),
     ))
+}
+
+/// The validation records of a certificate just requested, once ACM has
+/// assigned them (seconds); `None` when the certificate never shows up (the
+/// request's token belonged to a deleted certificate).
+async fn validation_records(
+    p: &AwsProvider,
+    id: &ResourceId,
+    arn: &str,
+) -> Result<Option<Value>, ProviderError> {
+    let started = tokio::time::Instant::now();
+    let mut interval = Duration::from_millis(500);
+    let mut seen = false;
+    loop {
+        match describe(p, id, arn).await {
+            Ok(Some(d)) if d.records.as_list().is_some_and(|l| !l.is_empty()) => {
+                return Ok(Some(d.records));
+            }
+            Ok(Some(_)) => seen = true,
+            Ok(None) => {}
+            Err(e) if e.is_retryable() => {}
+            Err(e) => return Err(e),
+        }
+        let elapsed = started.elapsed();
+        if !seen && elapsed >= Duration::from_secs(60) {
+            return Ok(None);
+        }
+        if elapsed >= Duration::from_secs(180) {
+            return Err(ProviderError::hard(
+                "DescribeCertificate",
+                format!("{id}: ACM assigned no DNS validation records to {arn} within 3 minutes"),
+            )
+            .with_hint("run deploy again; the certificate is found by its tags"));
+        }
+        tokio::time::sleep(interval).await;
+        interval = (interval * 2).min(Duration::from_secs(10));
+    }
 }
 
 async fn wait_issued(p: &AwsProvider, id: &ResourceId, arn: &str) -> Result<(), ProviderError> {

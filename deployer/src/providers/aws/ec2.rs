@@ -600,20 +600,39 @@ pub async fn create(
             ))
         }
         kinds::AWS_NAT_GATEWAY => {
-            let r = ec2
-                .create_nat_gateway()
-                .subnet_id(pr.str("subnet_id")?)
-                .allocation_id(pr.str("allocation_id")?)
-                .client_token(ctx.idempotency_token(id))
-                .tag_specifications(tag_spec(ResourceType::Natgateway, &t))
-                .send()
-                .await
-                .or_fail("CreateNatGateway", id)?;
-            let nat = r
-                .nat_gateway()
-                .and_then(|n| n.nat_gateway_id())
-                .unwrap_or_default()
-                .to_string();
+            // A token AWS still remembers from a deleted gateway answers with it: step over it.
+            let mut created = None;
+            for salt in 0..=super::MAX_SALT {
+                let r = ec2
+                    .create_nat_gateway()
+                    .subnet_id(pr.str("subnet_id")?)
+                    .allocation_id(pr.str("allocation_id")?)
+                    .client_token(super::token(ctx, id, salt, 64, false))
+                    .tag_specifications(tag_spec(ResourceType::Natgateway, &t))
+                    .send()
+                    .await
+                    .or_fail("CreateNatGateway", id)?;
+                let gw = r.nat_gateway();
+                let dead = matches!(
+                    gw.and_then(|g| g.state()),
+                    Some(
+                        NatGatewayState::Deleted
+                            | NatGatewayState::Deleting
+                            | NatGatewayState::Failed
+                    )
+                );
+                if !dead {
+                    created = gw.and_then(|g| g.nat_gateway_id()).map(str::to_string);
+                    break;
+                }
+            }
+            let nat = created.ok_or_else(|| {
+                ProviderError::hard(
+                    "CreateNatGateway",
+                    format!("{id}: every idempotency token answered with a deleted NAT gateway"),
+                )
+                .with_hint("wait an hour for AWS to forget the old tokens, then deploy again")
+            })?;
             wait_nat(p, id, &nat, true).await?;
             Ok(p.after(ctx, d, out(&[("id", Value::str(nat.as_str()))]), Some(nat)))
         }

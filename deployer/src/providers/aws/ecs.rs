@@ -273,6 +273,9 @@ pub async fn observe(p: &AwsProvider) -> Result<Vec<Observed>, ProviderError> {
         let (Some(arn), Some(family)) = (td.task_definition_arn(), td.family()) else {
             continue;
         };
+        if td.status() != Some(&TaskDefinitionStatus::Active) {
+            continue;
+        }
         let digest = t.get(tags::CONTENT_SHA256).cloned().unwrap_or_default();
         digests.insert(arn.to_string(), digest.clone());
         let mut props = PropMap::from([
@@ -585,12 +588,7 @@ pub async fn create(
         }
         kinds::AWS_ECS_SERVICE => {
             let lbs = load_balancers(id, d)?;
-            let token: String = ctx
-                .idempotency_token(id)
-                .chars()
-                .filter(char::is_ascii_alphanumeric)
-                .take(36)
-                .collect();
+            let token = super::token(ctx, id, 0, 36, false);
             let r = ecs
                 .create_service()
                 .cluster(pr.str("cluster")?)

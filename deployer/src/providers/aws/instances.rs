@@ -383,54 +383,74 @@ pub async fn create(
     t.push((tags::USER_DATA_SHA256.to_string(), sha256_hex(user_data)));
     let volume_tags = p.tags_for(id, &d.policy, ctx.generation);
     let groups = pr.id_set("security_groups")?;
-    let r =
-        p.c.ec2
-            .run_instances()
-            .image_id(ami)
-            .instance_type(InstanceType::from(pr.str("instance_type")?))
-            .min_count(1)
-            .max_count(1)
-            .subnet_id(pr.str("subnet_id")?)
-            .private_ip_address(pr.str("private_ip")?)
-            .set_security_group_ids(Some(groups))
-            .iam_instance_profile(
-                IamInstanceProfileSpecification::builder()
-                    .name(pr.str("instance_profile")?)
-                    .build(),
+    // A token AWS still remembers from a terminated incarnation answers with
+    // that dead instance: step over it.
+    let mut launched = None;
+    for salt in 0..=super::MAX_SALT {
+        let r =
+            p.c.ec2
+                .run_instances()
+                .image_id(ami)
+                .instance_type(InstanceType::from(pr.str("instance_type")?))
+                .min_count(1)
+                .max_count(1)
+                .subnet_id(pr.str("subnet_id")?)
+                .private_ip_address(pr.str("private_ip")?)
+                .set_security_group_ids(Some(groups.clone()))
+                .iam_instance_profile(
+                    IamInstanceProfileSpecification::builder()
+                        .name(pr.str("instance_profile")?)
+                        .build(),
+                )
+                .user_data(B64.encode(user_data))
+                .block_device_mappings(
+                    BlockDeviceMapping::builder()
+                        .device_name(&root_device)
+                        .ebs(
+                            EbsBlockDevice::builder()
+                                .volume_size(pr.i32("root_volume_gb")?)
+                                .volume_type(VolumeType::Gp3)
+                                .encrypted(true)
+                                .delete_on_termination(true)
+                                .build(),
+                        )
+                        .build(),
+                )
+                .metadata_options(
+                    InstanceMetadataOptionsRequest::builder()
+                        .http_tokens(HttpTokensState::Required)
+                        .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                        .build(),
+                )
+                // Protected from the first instant on AWS; set again below.
+                .disable_api_termination(pr.bool("termination_protection")?)
+                .client_token(super::token(ctx, id, salt, 64, false))
+                .tag_specifications(tag_spec(ResourceType::Instance, &t))
+                .tag_specifications(tag_spec(ResourceType::Volume, &volume_tags))
+                .send()
+                .await
+                .or_fail("RunInstances", id)?;
+        let inst = r.instances().first().cloned().ok_or_else(|| {
+            ProviderError::retryable(
+                "RunInstances",
+                format!("{id}: AWS answered without an instance"),
             )
-            .user_data(B64.encode(user_data))
-            .block_device_mappings(
-                BlockDeviceMapping::builder()
-                    .device_name(&root_device)
-                    .ebs(
-                        EbsBlockDevice::builder()
-                            .volume_size(pr.i32("root_volume_gb")?)
-                            .volume_type(VolumeType::Gp3)
-                            .encrypted(true)
-                            .delete_on_termination(true)
-                            .build(),
-                    )
-                    .build(),
-            )
-            .metadata_options(
-                InstanceMetadataOptionsRequest::builder()
-                    .http_tokens(HttpTokensState::Required)
-                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
-                    .build(),
-            )
-            // Protected from the first instant on AWS; set again below.
-            .disable_api_termination(pr.bool("termination_protection")?)
-            .client_token(ctx.idempotency_token(id))
-            .tag_specifications(tag_spec(ResourceType::Instance, &t))
-            .tag_specifications(tag_spec(ResourceType::Volume, &volume_tags))
-            .send()
-            .await
-            .or_fail("RunInstances", id)?;
-    let inst = r.instances().first().ok_or_else(|| {
-        ProviderError::retryable(
+        })?;
+        let dead = matches!(
+            inst.state().and_then(|s| s.name()),
+            Some(InstanceStateName::Terminated | InstanceStateName::ShuttingDown)
+        );
+        if !dead {
+            launched = Some(inst);
+            break;
+        }
+    }
+    let inst = launched.ok_or_else(|| {
+        ProviderError::hard(
             "RunInstances",
-            format!("{id}: AWS answered without an instance"),
+            format!("{id}: every idempotency token answered with a terminated instance"),
         )
+        .with_hint("wait an hour for AWS to forget the old tokens, then deploy again")
     })?;
     let instance_id = inst.instance_id().unwrap_or_default().to_string();
     let ip = inst.private_ip_address().unwrap_or_default().to_string();

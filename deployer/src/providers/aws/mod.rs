@@ -437,6 +437,39 @@ impl Provider for AwsProvider {
     }
 }
 
+/// An idempotency token for an AWS create call: the engine's token (stack,
+/// stage, id, generation), then `salt` when a stale token must be stepped
+/// over, shortened to what the API accepts (`max` characters, letters and
+/// digits only when `alnum`). The same inputs always give the same token, so
+/// a rerun after a crash repeats the same request.
+///
+/// AWS remembers a token for a while after its resource is gone (an hour for
+/// ACM; EC2 returns the terminated instance): a create whose token answers
+/// with a dead resource tries the next salt, still deterministically.
+pub(crate) fn token(ctx: &StepCtx, id: &ResourceId, salt: u32, max: usize, alnum: bool) -> String {
+    let base = ctx.idempotency_token(id);
+    let salted = if salt == 0 {
+        base
+    } else {
+        format!("{base}-{salt}")
+    };
+    let cleaned: String = if alnum {
+        let digest = stack::sha256_hex(&salted);
+        digest.chars().filter(char::is_ascii_alphanumeric).collect()
+    } else if salted.len() > max {
+        format!(
+            "boxctl-{}",
+            &stack::sha256_hex(&salted)[..max.saturating_sub(7)]
+        )
+    } else {
+        salted
+    };
+    cleaned.chars().take(max).collect()
+}
+
+/// How many stale tokens a create steps over before giving up.
+pub(crate) const MAX_SALT: u32 = 5;
+
 /// The text of an output, or an error naming the resource.
 pub(crate) fn output<'a>(o: &'a Observed, key: &str) -> Result<&'a str, ProviderError> {
     o.outputs.get(key).and_then(Value::as_str).ok_or_else(|| {
@@ -502,6 +535,55 @@ public = true
                 .iter()
                 .all(|k| k.order > order(kinds::AWS_BUCKET) || k.kind == kinds::AWS_BUCKET)
         );
+    }
+
+    #[test]
+    fn tokens_are_deterministic_bounded_and_salted() {
+        let ctx = StepCtx {
+            stack: "boxlite".into(),
+            stage: "prod".into(),
+            generation: 0,
+            attempt: 1,
+        };
+        let id = ResourceId::from("runner/runner-1");
+        let t = token(&ctx, &id, 0, 64, false);
+        assert_eq!(
+            t,
+            token(
+                &StepCtx {
+                    attempt: 3,
+                    ..ctx.clone()
+                },
+                &id,
+                0,
+                64,
+                false
+            )
+        );
+        assert_ne!(t, token(&ctx, &id, 1, 64, false));
+        assert_ne!(
+            t,
+            token(&ctx, &ResourceId::from("runner/runner-2"), 0, 64, false)
+        );
+        assert_ne!(
+            t,
+            token(
+                &StepCtx {
+                    generation: 1,
+                    ..ctx.clone()
+                },
+                &id,
+                0,
+                64,
+                false
+            )
+        );
+        let acm = token(&ctx, &id, 0, 32, true);
+        assert_eq!(acm.len(), 32);
+        assert!(acm.chars().all(|c| c.is_ascii_alphanumeric()));
+        let ecs = token(&ctx, &id, 2, 36, false);
+        assert!(ecs.len() <= 36, "{ecs}");
+        assert_eq!(ecs, token(&ctx, &id, 2, 36, false));
     }
 
     #[test]
