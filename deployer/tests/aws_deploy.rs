@@ -327,3 +327,74 @@ fn destroying_a_production_stage_keeps_its_data_and_what_it_stands_on() {
     // belonged to a certificate deleted within the hour with an internal
     // error, so this test stops here.)
 }
+
+#[test]
+fn an_unpinned_runner_artifact_is_checked_against_its_published_digest() {
+    let env = Env::new();
+    // Staging without a pinned artifact: it comes from the stage bucket.
+    let unpinned = STACK.replace(
+        "[stages.staging.runner]\nartifact_url = \"https://downloads.example.com/boxlite-runner-0.1.0.tar.gz\"\nartifact_sha256 = \"abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789\"\n",
+        "",
+    );
+    assert_ne!(unpinned, STACK);
+    env.write_stack(&unpinned);
+    let r = env
+        .run(&["deploy", "--stage", "staging"])
+        .expect(1, "deploy before the artifact is published");
+    assert!(r.stderr.contains("is not published"), "{}", r.stderr);
+    assert!(r.stderr.contains("--metadata sha256="), "{}", r.stderr);
+    assert_eq!(env.inventory().get(stack::kinds::AWS_INSTANCE), None);
+
+    // Publish it the way the hint says, then deploy.
+    let bucket = stack::resolve::aws::bucket_name(
+        "boxlite",
+        "staging",
+        "ap-southeast-1",
+        "staging.example.com",
+    );
+    let key = format!(
+        "artifacts/boxlite-runner/{v}/boxlite-runner-linux-amd64.tar.gz",
+        v = stack::model::defaults::RUNNER_VERSION
+    );
+    let digest = stack::sha256_hex("not really a tarball");
+    let c = env.clients();
+    env.rt().block_on(async {
+        c.s3.put_object()
+            .bucket(&bucket)
+            .key(&key)
+            .metadata("sha256", &digest)
+            .body(b"not really a tarball".to_vec().into())
+            .send()
+            .await
+            .unwrap();
+    });
+    env.run(&["deploy", "--stage", "staging"])
+        .expect(0, "deploy after publishing");
+    let instances = runner_instances(&env);
+    let instance = &instances["runner/runner-1"];
+    let ud = env
+        .rt()
+        .block_on(
+            c.ec2
+                .describe_instance_attribute()
+                .instance_id(instance)
+                .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+                .send(),
+        )
+        .unwrap();
+    use base64::Engine as _;
+    let text = base64::engine::general_purpose::STANDARD
+        .decode(ud.user_data().and_then(|v| v.value()).unwrap())
+        .unwrap();
+    let text = String::from_utf8(text).unwrap();
+    assert!(
+        text.contains(&digest),
+        "the runner checks the published digest"
+    );
+    assert!(
+        text.contains(&format!("s3://{bucket}/{key}")),
+        "and downloads from the bucket"
+    );
+    env.run(&["diff", "--stage", "staging", "--exit-code"])
+        .expect(0, "nothing left to do");
+}
