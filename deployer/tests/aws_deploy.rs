@@ -146,7 +146,7 @@ fn a_prod_stage_deploys_from_empty_and_reruns_change_nothing() {
     });
     assert!(!journal.is_empty(), "the journal is in the bucket");
     seen.extend(journal);
-    for (_, instance) in &runners {
+    for instance in runners.values() {
         let ud = rt
             .block_on(
                 c.ec2

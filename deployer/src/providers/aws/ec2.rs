@@ -1013,30 +1013,46 @@ pub async fn update(
 pub async fn delete(p: &AwsProvider, _ctx: &StepCtx, o: &Observed) -> Result<(), ProviderError> {
     let id = &o.id;
     let ec2 = &p.c.ec2;
+    let settle = Duration::from_secs(10 * 60);
     match o.kind.as_str() {
         kinds::AWS_VPC => {
-            ec2.delete_vpc()
-                .vpc_id(output(o, "id")?)
-                .send()
-                .await
-                .or_missing("DeleteVpc", id)?;
+            let vpc = output(o, "id")?;
+            wait::while_in_use(id, "DeleteVpc", settle, || async {
+                ec2.delete_vpc()
+                    .vpc_id(vpc)
+                    .send()
+                    .await
+                    .or_missing("DeleteVpc", id)
+                    .map(drop)
+            })
+            .await?;
         }
         kinds::AWS_SUBNET => {
-            ec2.delete_subnet()
-                .subnet_id(output(o, "id")?)
-                .send()
-                .await
-                .or_missing("DeleteSubnet", id)?;
+            let subnet = output(o, "id")?;
+            wait::while_in_use(id, "DeleteSubnet", settle, || async {
+                ec2.delete_subnet()
+                    .subnet_id(subnet)
+                    .send()
+                    .await
+                    .or_missing("DeleteSubnet", id)
+                    .map(drop)
+            })
+            .await?;
         }
         kinds::AWS_INTERNET_GATEWAY => {
             let igw = output(o, "id")?;
             if let Some(vpc) = o.props.get("vpc_id").and_then(Value::as_str) {
-                ec2.detach_internet_gateway()
-                    .internet_gateway_id(igw)
-                    .vpc_id(vpc)
-                    .send()
-                    .await
-                    .or_missing("DetachInternetGateway", id)?;
+                // Refused while public addresses are still mapped in the VPC.
+                wait::while_in_use(id, "DetachInternetGateway", settle, || async {
+                    ec2.detach_internet_gateway()
+                        .internet_gateway_id(igw)
+                        .vpc_id(vpc)
+                        .send()
+                        .await
+                        .or_missing("DetachInternetGateway", id)
+                        .map(drop)
+                })
+                .await?;
             }
             ec2.delete_internet_gateway()
                 .internet_gateway_id(igw)
@@ -1045,29 +1061,30 @@ pub async fn delete(p: &AwsProvider, _ctx: &StepCtx, o: &Observed) -> Result<(),
                 .or_missing("DeleteInternetGateway", id)?;
         }
         kinds::AWS_EIP => {
-            let r = ec2
-                .release_address()
-                .allocation_id(output(o, "allocation_id")?)
-                .send()
-                .await;
-            if let Err(e) = r {
-                // Still held by a NAT gateway being deleted: try again shortly.
-                let k = super::errors::kind_of(&e);
-                let code = super::errors::code_of(&e).unwrap_or_default();
-                if k == Kind::NotFound || code == "InvalidAllocationID.NotFound" {
-                    return Ok(());
+            let alloc = output(o, "allocation_id")?;
+            wait::while_in_use(id, "ReleaseAddress", settle, || async {
+                match ec2.release_address().allocation_id(alloc).send().await {
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        let code = super::errors::code_of(&e).unwrap_or_default();
+                        if super::errors::kind_of(&e) == Kind::NotFound {
+                            return Ok(());
+                        }
+                        // Still held by a NAT gateway on its way out.
+                        if code == "InvalidIPAddress.InUse"
+                            || code == "AuthFailure" && e.to_string().contains("in use")
+                        {
+                            return Err(super::errors::build(
+                                Kind::Eventual,
+                                "ReleaseAddress",
+                                format!("{id}: still in use"),
+                            ));
+                        }
+                        Err(super::errors::to_provider("ReleaseAddress", id, &e))
+                    }
                 }
-                if code == "InvalidIPAddress.InUse"
-                    || code == "AuthFailure" && e.to_string().contains("in use")
-                {
-                    return Err(super::errors::build(
-                        Kind::Eventual,
-                        "ReleaseAddress",
-                        format!("{id}: still in use"),
-                    ));
-                }
-                return Err(super::errors::to_provider("ReleaseAddress", id, &e));
-            }
+            })
+            .await?;
         }
         kinds::AWS_NAT_GATEWAY => {
             let nat = output(o, "id")?;
@@ -1096,11 +1113,16 @@ pub async fn delete(p: &AwsProvider, _ctx: &StepCtx, o: &Observed) -> Result<(),
                 .or_missing("DeleteRouteTable", id)?;
         }
         kinds::AWS_SECURITY_GROUP => {
-            ec2.delete_security_group()
-                .group_id(output(o, "id")?)
-                .send()
-                .await
-                .or_missing("DeleteSecurityGroup", id)?;
+            let sg = output(o, "id")?;
+            wait::while_in_use(id, "DeleteSecurityGroup", settle, || async {
+                ec2.delete_security_group()
+                    .group_id(sg)
+                    .send()
+                    .await
+                    .or_missing("DeleteSecurityGroup", id)
+                    .map(drop)
+            })
+            .await?;
         }
         other => {
             return Err(ProviderError::hard(

@@ -754,11 +754,21 @@ pub async fn delete(p: &AwsProvider, _ctx: &StepCtx, o: &Observed) -> Result<(),
                 .or_missing("DeleteLoadBalancer", id)?;
         }
         kinds::AWS_TARGET_GROUP => {
-            elb.delete_target_group()
-                .target_group_arn(arn)
-                .send()
-                .await
-                .or_missing("DeleteTargetGroup", id)?;
+            // In use until its listener or service is gone.
+            super::wait::while_in_use(
+                id,
+                "DeleteTargetGroup",
+                std::time::Duration::from_secs(10 * 60),
+                || async {
+                    elb.delete_target_group()
+                        .target_group_arn(arn)
+                        .send()
+                        .await
+                        .or_missing("DeleteTargetGroup", id)
+                        .map(drop)
+                },
+            )
+            .await?;
         }
         kinds::AWS_LISTENER => {
             elb.delete_listener()

@@ -233,8 +233,13 @@ where
 
 /// A provider error of a given kind, with the hint that kind calls for.
 pub fn build(kind: Kind, op: &str, message: String) -> ProviderError {
+    // "Not found" where something was expected (a delete or lookup that
+    // tolerates absence asks with `or_missing`) is usually a resource created
+    // a moment ago that this endpoint does not see yet.
     let class = match kind {
-        Kind::Throttled | Kind::Unavailable | Kind::Eventual => ErrorClass::Retryable,
+        Kind::Throttled | Kind::Unavailable | Kind::Eventual | Kind::NotFound => {
+            ErrorClass::Retryable
+        }
         _ => ErrorClass::Hard,
     };
     let hint = match kind {
@@ -251,6 +256,10 @@ pub fn build(kind: Kind, op: &str, message: String) -> ProviderError {
         ),
         Kind::Invalid => Some(
             "AWS refused a value: check the stack.toml setting behind it; `boxctl graph --stage <stage>` shows every resolved property"
+                .to_string(),
+        ),
+        Kind::NotFound => Some(
+            "AWS does not see it (yet): resources just created take a moment to be visible everywhere; if this persists, run deploy again so boxctl observes the world afresh"
                 .to_string(),
         ),
         Kind::Unavailable => Some(format!(

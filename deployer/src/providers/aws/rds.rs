@@ -452,13 +452,22 @@ pub async fn delete(p: &AwsProvider, _ctx: &StepCtx, o: &Observed) -> Result<(),
     let id = &o.id;
     match o.kind.as_str() {
         kinds::AWS_DB_SUBNET_GROUP => {
-            p.c.rds
-                .delete_db_subnet_group()
-                .db_subnet_group_name(output(o, "name")?)
-                .send()
-                .await
-                .or_missing("DeleteDBSubnetGroup", id)?;
-            Ok(())
+            let name = output(o, "name")?;
+            wait::while_in_use(
+                id,
+                "DeleteDBSubnetGroup",
+                Duration::from_secs(10 * 60),
+                || async {
+                    p.c.rds
+                        .delete_db_subnet_group()
+                        .db_subnet_group_name(name)
+                        .send()
+                        .await
+                        .or_missing("DeleteDBSubnetGroup", id)
+                        .map(drop)
+                },
+            )
+            .await
         }
         _ => {
             let idf = output(o, "identifier")?;

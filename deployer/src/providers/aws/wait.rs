@@ -95,6 +95,34 @@ where
     }
 }
 
+/// Repeat a delete while AWS answers that something still uses the resource
+/// (a load balancer's interfaces leaving a subnet, a NAT gateway holding its
+/// address): such answers are retryable, and are retried here for at most
+/// `timeout` before the error is reported.
+pub async fn while_in_use<F, Fut>(
+    id: &ResourceId,
+    op: &str,
+    timeout: Duration,
+    mut call: F,
+) -> Result<(), ProviderError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), ProviderError>>,
+{
+    until(
+        id,
+        op,
+        "what still uses it to let go",
+        Bounds::up_to(timeout),
+        "find what still uses it in the console (network interfaces, instances, load balancers) and remove it, then run the command again",
+        || {
+            let f = call();
+            async move { f.await.map(Poll::Ready) }
+        },
+    )
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
