@@ -75,6 +75,7 @@ fn run(dir: &std::path::Path, endpoint: &str, args: &[&str]) -> (bool, String) {
 struct Figures {
     calls: u64,
     actions: BTreeMap<String, u64>,
+    upstream: BTreeMap<String, Duration>,
     median: Duration,
     min: Duration,
 }
@@ -95,6 +96,7 @@ fn measure(moto: &Moto, proxy: &AwsProxy, runners: u32) -> Figures {
     let mut times = Vec::new();
     let mut calls = Vec::new();
     let mut actions = BTreeMap::new();
+    let mut upstream = BTreeMap::new();
     for _ in 0..RUNS {
         proxy.reset_counts();
         let t0 = Instant::now();
@@ -107,6 +109,7 @@ fn measure(moto: &Moto, proxy: &AwsProxy, runners: u32) -> Figures {
         assert!(ok, "diff is not clean:\n{out}");
         calls.push(proxy.total());
         actions = proxy.actions();
+        upstream = proxy.upstream_time();
     }
     calls.sort_unstable();
     calls.dedup();
@@ -119,6 +122,7 @@ fn measure(moto: &Moto, proxy: &AwsProxy, runners: u32) -> Figures {
     Figures {
         calls: calls[0],
         actions,
+        upstream,
         median: times[RUNS / 2],
         min: times[0],
     }
@@ -159,6 +163,22 @@ fn main() {
         let b = fifty.actions.get(k).copied().unwrap_or(0);
         let mark = if a == b { "" } else { "   <- differs" };
         println!("  {k:<36} {a:>3} → {b:>3}{mark}");
+    }
+    let total = |f: &Figures| f.upstream.values().sum::<Duration>().as_secs_f64() * 1000.0;
+    println!(
+        "\nemulator answer time (summed over concurrent calls, queueing included; last run): {:.0}ms → {:.0}ms; largest at 50 runners:",
+        total(&one),
+        total(&fifty)
+    );
+    let mut slow: Vec<(&String, &Duration)> = fifty.upstream.iter().collect();
+    slow.sort_by(|a, b| b.1.cmp(a.1));
+    for (k, t) in slow.into_iter().take(6) {
+        let before = one.upstream.get(k).copied().unwrap_or_default();
+        println!(
+            "  {k:<36} {:>5.0}ms → {:>5.0}ms",
+            before.as_secs_f64() * 1000.0,
+            t.as_secs_f64() * 1000.0
+        );
     }
     let ratio = fifty.median.as_secs_f64() / one.median.as_secs_f64();
     println!(

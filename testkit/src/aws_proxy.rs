@@ -59,6 +59,7 @@ struct Inner {
     kill: Mutex<Option<KillAt>>,
     killed: Mutex<Option<u64>>,
     actions: Mutex<BTreeMap<String, u64>>,
+    upstream_time: Mutex<BTreeMap<String, Duration>>,
     open: watch::Sender<bool>,
 }
 
@@ -314,7 +315,15 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         let f = inner.faulted.fetch_add(1, Ordering::SeqCst);
         return error_response(protocol, f % 2 == 0);
     }
-    forward(&inner, &parts.method, &uri, &parts.headers, body).await
+    let t0 = std::time::Instant::now();
+    let resp = forward(&inner, &parts.method, &uri, &parts.headers, body).await;
+    *inner
+        .upstream_time
+        .lock()
+        .expect("time mutex")
+        .entry(action)
+        .or_default() += t0.elapsed();
+    resp
 }
 
 impl AwsProxy {
@@ -334,6 +343,7 @@ impl AwsProxy {
             kill: Mutex::new(None),
             killed: Mutex::new(None),
             actions: Mutex::new(BTreeMap::new()),
+            upstream_time: Mutex::new(BTreeMap::new()),
             open,
         });
         let listener =
@@ -432,12 +442,18 @@ impl AwsProxy {
         self.inner.actions.lock().expect("actions mutex").clone()
     }
 
+    /// Time the emulator took to answer, per API action, since the last reset.
+    pub fn upstream_time(&self) -> BTreeMap<String, Duration> {
+        self.inner.upstream_time.lock().expect("time mutex").clone()
+    }
+
     /// Zero the counters (faults and a pending kill stay as set).
     pub fn reset_counts(&self) {
         self.inner.total.store(0, Ordering::SeqCst);
         self.inner.mutating.store(0, Ordering::SeqCst);
         self.inner.faulted.store(0, Ordering::SeqCst);
         self.inner.actions.lock().expect("actions mutex").clear();
+        self.inner.upstream_time.lock().expect("time mutex").clear();
     }
 }
 

@@ -1,6 +1,11 @@
 //! The AWS SDK clients of a stage: one shared configuration (region from the
 //! stage, credentials from the standard chain, the SDK's own retries for
 //! throttling and 5xx), optionally pointed at an emulator.
+//!
+//! With an endpoint override nothing may reach real AWS: credentials then
+//! come from the environment only (an SSO session or an assume-role profile
+//! would call AWS's own STS and SSO endpoints), and without any, from fixed
+//! placeholder keys that emulators accept.
 
 use std::time::Duration;
 
@@ -56,7 +61,23 @@ impl Clients {
                     .build(),
             );
         if let Some(url) = endpoint {
-            loader = loader.endpoint_url(url);
+            use aws_config::environment::EnvironmentVariableCredentialsProvider;
+            use aws_config::meta::credentials::CredentialsProviderChain;
+            let chain = CredentialsProviderChain::first_try(
+                "Environment",
+                EnvironmentVariableCredentialsProvider::new(),
+            )
+            .or_else(
+                "EmulatorPlaceholder",
+                aws_sdk_sts::config::Credentials::new(
+                    "boxctl-emulator",
+                    "boxctl-emulator",
+                    None,
+                    None,
+                    "boxctl-emulator",
+                ),
+            );
+            loader = loader.endpoint_url(url).credentials_provider(chain);
         }
         let conf = loader.load().await;
         // Emulators serve every bucket under one host: path-style addressing.

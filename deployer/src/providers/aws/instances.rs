@@ -17,6 +17,7 @@ use aws_sdk_ec2::types::{
     InstanceMetadataOptionsRequest, InstanceStateName, InstanceType, ResourceType, Tag, VolumeType,
 };
 use base64::Engine as _;
+use futures::StreamExt;
 use stack::{DesiredGraph, Props as PropMap, Resource, ResourceId, Value, kinds, sha256_hex};
 
 use super::ec2::{create_tags, stage_filters, tag_map, tag_spec};
@@ -272,6 +273,7 @@ pub async fn observe(p: &AwsProvider) -> Result<Vec<Observed>, ProviderError> {
     let desired_user_data = p.prepared.lock().expect("prepared mutex").user_data.clone();
     let prepared = p.was_prepared.load(std::sync::atomic::Ordering::SeqCst);
     let mut all = Vec::new();
+    let mut fetch = Vec::new();
     for inst in reservations.iter().flat_map(|r| r.instances()) {
         let t = tag_map(inst.tags());
         let (Some(ident), Some(instance_id)) = (p.identity(&t), inst.instance_id()) else {
@@ -326,11 +328,17 @@ pub async fn observe(p: &AwsProvider) -> Result<Vec<Observed>, ProviderError> {
         }
         let digest = t.get(tags::USER_DATA_SHA256).cloned().unwrap_or_default();
         let user_data = match desired_user_data.get(&ident.id) {
-            Some(text) if sha256_hex(text) == digest => text.clone(),
-            _ if prepared => user_data_of(p, &ident.id, instance_id).await?,
-            _ => format!("(user data with sha256 {digest})"),
+            Some(text) if sha256_hex(text) == digest => Some(text.clone()),
+            _ if prepared => {
+                // Read below, for the drifted hosts only.
+                fetch.push((all.len(), ident.id.clone(), instance_id.to_string()));
+                None
+            }
+            _ => Some(format!("(user data with sha256 {digest})")),
         };
-        props.insert("user_data".into(), Value::Str(user_data));
+        if let Some(text) = user_data {
+            props.insert("user_data".into(), Value::Str(text));
+        }
         let ip = inst.private_ip_address().unwrap_or_default().to_string();
         all.push(p.observed(
             ident,
@@ -342,6 +350,16 @@ pub async fn observe(p: &AwsProvider) -> Result<Vec<Observed>, ProviderError> {
             ]),
             Some(instance_id.to_string()),
         ));
+    }
+    // User data of the hosts whose digest differs from the desired one,
+    // a few at a time: only drift costs calls.
+    let texts: Vec<(usize, Result<String, ProviderError>)> = futures::stream::iter(fetch)
+        .map(|(i, id, instance)| async move { (i, user_data_of(p, &id, &instance).await) })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    for (i, text) in texts {
+        all[i].props.insert("user_data".into(), Value::Str(text?));
     }
     Ok(all)
 }
