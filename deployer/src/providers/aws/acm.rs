@@ -275,10 +275,16 @@ async fn validation_records(
 }
 
 async fn wait_issued(p: &AwsProvider, id: &ResourceId, arn: &str) -> Result<(), ProviderError> {
-    let records = describe(p, id, arn)
-        .await?
+    let detail = describe(p, id, arn).await?;
+    let records = detail
+        .as_ref()
         .map(|d| crate::render::inline(&d.records))
         .unwrap_or_default();
+    if detail.is_some_and(|d| d.status == CertificateStatus::PendingValidation.as_str()) {
+        eprintln!(
+            "      wait  {id}: ACM issues the certificate once these DNS records exist: {records}"
+        );
+    }
     wait::until(
         id,
         "DescribeCertificate",
