@@ -398,3 +398,62 @@ fn an_unpinned_runner_artifact_is_checked_against_its_published_digest() {
     env.run(&["diff", "--stage", "staging", "--exit-code"])
         .expect(0, "nothing left to do");
 }
+
+#[test]
+fn a_new_image_registers_one_revision_and_rolls_the_services_onto_it() {
+    let env = Env::new();
+    env.run(&["deploy", "--stage", "prod"]).expect(0, "deploy");
+    env.write_stack(&STACK.replace("control-plane:0.1.0", "control-plane:0.2.0"));
+    let diff = env.run(&["diff", "--stage", "prod"]).expect(0, "diff");
+    // Task definitions differ by content, shown as a unified diff.
+    assert!(
+        diff.stdout
+            .contains("+    \"image\": \"registry.example.com/boxlite/control-plane:0.2.0\","),
+        "{}",
+        diff.stdout
+    );
+    assert!(diff.stdout.contains("~ service/api"), "{}", diff.stdout);
+    assert!(
+        diff.stdout
+            .contains("6 to update, 0 to replace, 0 to delete"),
+        "api, proxy and ssh: task definition and service each\n{}",
+        diff.stdout
+    );
+    env.run(&["deploy", "--stage", "prod"])
+        .expect(0, "deploy the new image");
+    env.run(&["diff", "--stage", "prod", "--exit-code"])
+        .expect(0, "converged");
+    // One ACTIVE revision per family (the old ones deregistered), and the
+    // services run revision 2 of theirs; the unchanged services kept revision 1.
+    assert_eq!(env.inventory(), expected("prod"));
+    let c = env.clients();
+    let services = env.rt().block_on(async {
+        c.ecs
+            .describe_services()
+            .cluster("boxlite-prod")
+            .services("api")
+            .services("docs")
+            .send()
+            .await
+            .unwrap()
+    });
+    let td = |name: &str| {
+        services
+            .services()
+            .iter()
+            .find(|s| s.service_name() == Some(name))
+            .and_then(|s| s.task_definition())
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        td("api").ends_with("task-definition/boxlite-prod-api:2"),
+        "{}",
+        td("api")
+    );
+    assert!(
+        td("docs").ends_with("task-definition/boxlite-prod-docs:1"),
+        "{}",
+        td("docs")
+    );
+}

@@ -488,6 +488,32 @@ async fn register(
     ]))
 }
 
+/// The ARN of a family's latest ACTIVE revision: services are pointed at an
+/// explicit revision (the one this deploy registered), never at "whatever
+/// is latest when ECS looks".
+async fn latest_revision(
+    p: &AwsProvider,
+    id: &ResourceId,
+    family: &str,
+) -> Result<String, ProviderError> {
+    let r =
+        p.c.ecs
+            .describe_task_definition()
+            .task_definition(family)
+            .send()
+            .await
+            .or_fail("DescribeTaskDefinition", id)?;
+    r.task_definition()
+        .and_then(|t| t.task_definition_arn())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            ProviderError::retryable(
+                "DescribeTaskDefinition",
+                format!("{id}: task definition {family} has no revision yet"),
+            )
+        })
+}
+
 fn network(id: &ResourceId, pr: &Props<'_>) -> Result<NetworkConfiguration, ProviderError> {
     let vpc = AwsVpcConfiguration::builder()
         .set_subnets(Some(pr.id_set("subnets")?))
@@ -589,11 +615,12 @@ pub async fn create(
         kinds::AWS_ECS_SERVICE => {
             let lbs = load_balancers(id, d)?;
             let token = super::token(ctx, id, 0, 36, false);
+            let revision = latest_revision(p, id, pr.str("task_definition_family")?).await?;
             let r = ecs
                 .create_service()
                 .cluster(pr.str("cluster")?)
                 .service_name(pr.str("name")?)
-                .task_definition(pr.str("task_definition_family")?)
+                .task_definition(&revision)
                 .desired_count(pr.i32("desired_count")?)
                 .launch_type(LaunchType::from(pr.str("launch_type")?))
                 .network_configuration(network(id, &pr)?)
@@ -672,10 +699,11 @@ pub async fn update(
         kinds::AWS_TASK_DEFINITION => outputs = register(p, &ctx, d).await?,
         kinds::AWS_ECS_SERVICE => {
             // The family's latest revision: the one this deploy registered.
+            let revision = latest_revision(p, id, pr.str("task_definition_family")?).await?;
             ecs.update_service()
                 .cluster(pr.str("cluster")?)
                 .service(pr.str("name")?)
-                .task_definition(pr.str("task_definition_family")?)
+                .task_definition(&revision)
                 .desired_count(pr.i32("desired_count")?)
                 .network_configuration(network(id, &pr)?)
                 .set_load_balancers(Some(load_balancers(id, d)?))
