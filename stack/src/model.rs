@@ -86,6 +86,10 @@ pub struct RunnerSettings {
     pub root_volume_gb: u32,
     /// `boxlite-runner` version.
     pub version: String,
+    /// Where new runners download the runner artifact; `None` means the stage bucket (aws).
+    pub artifact_url: Option<String>,
+    /// Pinned SHA-256 of the artifact, lowercase hex.
+    pub artifact_sha256: Option<String>,
 }
 
 /// RDS PostgreSQL settings.

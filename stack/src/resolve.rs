@@ -1,4 +1,8 @@
 //! Stage resolution: a validated stage becomes its desired resource graph.
+//! This module dispatches by target; `aws` holds the aws target's graph.
+
+pub mod aws;
+pub mod net;
 
 use std::collections::BTreeMap;
 
@@ -21,6 +25,57 @@ pub mod kinds {
     pub const LOCAL_PROCESS: &str = "local.process";
     /// A runner registered with the control plane by the hash of its token.
     pub const LOCAL_RUNNER_REGISTRATION: &str = "local.runner-registration";
+
+    /// A VPC.
+    pub const AWS_VPC: &str = "aws.ec2.vpc";
+    /// A subnet.
+    pub const AWS_SUBNET: &str = "aws.ec2.subnet";
+    /// An internet gateway attached to the VPC.
+    pub const AWS_INTERNET_GATEWAY: &str = "aws.ec2.internet_gateway";
+    /// An Elastic IP address.
+    pub const AWS_EIP: &str = "aws.ec2.eip";
+    /// A NAT gateway.
+    pub const AWS_NAT_GATEWAY: &str = "aws.ec2.nat_gateway";
+    /// A route table with its routes and subnet associations.
+    pub const AWS_ROUTE_TABLE: &str = "aws.ec2.route_table";
+    /// A security group with its ingress rules.
+    pub const AWS_SECURITY_GROUP: &str = "aws.ec2.security_group";
+    /// An EC2 instance (a runner host).
+    pub const AWS_INSTANCE: &str = "aws.ec2.instance";
+    /// An IAM role with its managed and inline policies.
+    pub const AWS_IAM_ROLE: &str = "aws.iam.role";
+    /// An IAM instance profile holding one role.
+    pub const AWS_INSTANCE_PROFILE: &str = "aws.iam.instance_profile";
+    /// An ECS cluster.
+    pub const AWS_ECS_CLUSTER: &str = "aws.ecs.cluster";
+    /// An ECS task definition family (its latest revision).
+    pub const AWS_TASK_DEFINITION: &str = "aws.ecs.task_definition";
+    /// An ECS service.
+    pub const AWS_ECS_SERVICE: &str = "aws.ecs.service";
+    /// A CloudWatch Logs log group.
+    pub const AWS_LOG_GROUP: &str = "aws.logs.log_group";
+    /// An application or network load balancer.
+    pub const AWS_LOAD_BALANCER: &str = "aws.elb.load_balancer";
+    /// A target group.
+    pub const AWS_TARGET_GROUP: &str = "aws.elb.target_group";
+    /// A load balancer listener.
+    pub const AWS_LISTENER: &str = "aws.elb.listener";
+    /// A host-header rule of a listener.
+    pub const AWS_LISTENER_RULE: &str = "aws.elb.listener_rule";
+    /// An ACM certificate validated by DNS.
+    pub const AWS_CERTIFICATE: &str = "aws.acm.certificate";
+    /// That a certificate is issued (waits for its DNS validation).
+    pub const AWS_CERTIFICATE_VALIDATION: &str = "aws.acm.certificate_validation";
+    /// An RDS DB subnet group.
+    pub const AWS_DB_SUBNET_GROUP: &str = "aws.rds.subnet_group";
+    /// An RDS PostgreSQL instance.
+    pub const AWS_DB_INSTANCE: &str = "aws.rds.instance";
+    /// An S3 bucket.
+    pub const AWS_BUCKET: &str = "aws.s3.bucket";
+    /// A plain SSM parameter (configuration).
+    pub const AWS_PARAMETER: &str = "aws.ssm.parameter";
+    /// A generated SSM `SecureString`; its value never appears in the graph.
+    pub const AWS_SECRET: &str = "aws.ssm.secret";
 }
 
 /// Why a stage cannot be resolved.
@@ -73,12 +128,7 @@ impl Stack {
         let s = self.stage(stage)?;
         let graph = match s.target {
             Target::Local => local(&self.name, s)?,
-            Target::Aws => {
-                return Err(ResolveError::Unsupported {
-                    stage: s.name.clone(),
-                    target: s.target,
-                });
-            }
+            Target::Aws => aws::resolve(&self.name, s)?,
         };
         graph.check()?;
         Ok(graph)

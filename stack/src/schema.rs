@@ -54,6 +54,10 @@ layer! {
         root_volume_gb: i64 = integer,
         /// Version of `boxlite-runner` to install.
         version: String = string,
+        /// Where a new runner downloads `boxlite-runner` from (`s3://…` or `https://…`).
+        artifact_url: String = string,
+        /// SHA-256 of that artifact, hex; read from the object's metadata when unset.
+        artifact_sha256: String = string,
     }
 }
 

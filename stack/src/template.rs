@@ -37,6 +37,15 @@ macro_rules! template {
 pub const LOCAL_CONTROL_PLANE: Template = template!("local/control-plane.toml");
 /// Configuration of one runner on the local target.
 pub const LOCAL_RUNNER: Template = template!("local/runner.toml");
+/// cloud-init user data of a runner host on the aws target.
+pub const RUNNER_CLOUD_INIT: Template = template!("runner/cloud-init.yaml");
+
+/// A template by its path under `templates/`.
+pub fn by_name(name: &str) -> Option<Template> {
+    [LOCAL_CONTROL_PLANE, LOCAL_RUNNER, RUNNER_CLOUD_INIT]
+        .into_iter()
+        .find(|t| t.name == name)
+}
 
 impl Template {
     /// Substitute every `{{name}}` with its value.
@@ -99,11 +108,17 @@ mod tests {
             "token_file",
             "state_dir",
             "database_url",
+            "region",
+            "artifact_url",
+            "artifact_sha256",
+            "token_parameter",
+            "control_plane_url",
+            "advertise_url",
         ]
         .into_iter()
         .map(|k| (k, "x".to_string()))
         .collect();
-        for t in [LOCAL_CONTROL_PLANE, LOCAL_RUNNER] {
+        for t in [LOCAL_CONTROL_PLANE, LOCAL_RUNNER, RUNNER_CLOUD_INIT] {
             let out = t.render(&vars).unwrap();
             assert!(!out.contains("{{"), "{}", t.name);
         }

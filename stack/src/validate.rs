@@ -231,6 +231,45 @@ fn stage(decl: &StageDecl, l: StageLayer, d: &mut Diagnostics<'_>) -> Option<Sta
         .hint("use MAJOR.MINOR.PATCH, e.g. \"0.1.0\"");
         ok = false;
     }
+    let artifact_url = rl.artifact_url.as_ref().map(|v| v.value.clone());
+    if let Some(v) = &rl.artifact_url
+        && !is_artifact_url(&v.value)
+    {
+        d.error(
+            &key("runner.artifact_url"),
+            v.span.clone(),
+            format!("{:?} is not an s3:// or https:// URL", v.value),
+        )
+        .hint("e.g. \"s3://my-bucket/artifacts/boxlite-runner-0.1.0.tar.gz\"");
+        ok = false;
+    }
+    let artifact_sha256 = rl
+        .artifact_sha256
+        .as_ref()
+        .map(|v| v.value.to_ascii_lowercase());
+    if let Some(v) = &rl.artifact_sha256
+        && !(v.value.len() == 64 && v.value.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        d.error(
+            &key("runner.artifact_sha256"),
+            v.span.clone(),
+            format!("{:?} is not a SHA-256 (64 hex digits)", v.value),
+        )
+        .hint("the output of `sha256sum boxlite-runner.tar.gz`");
+        ok = false;
+    }
+    if let Some(v) = &rl.artifact_url
+        && v.value.starts_with("https://")
+        && rl.artifact_sha256.is_none()
+    {
+        d.error(
+            &key("runner.artifact_url"),
+            v.span.clone(),
+            "an https:// runner artifact needs `runner.artifact_sha256`",
+        )
+        .hint("pin its checksum: add `artifact_sha256 = \"<sha256sum of the file>\"` next to it");
+        ok = false;
+    }
 
     let dl = &l.database;
     let engine_version = value_or(&dl.engine_version, defaults::DB_ENGINE_VERSION);
@@ -525,6 +564,8 @@ fn stage(decl: &StageDecl, l: StageLayer, d: &mut Diagnostics<'_>) -> Option<Sta
             ami_owner,
             root_volume_gb,
             version,
+            artifact_url,
+            artifact_sha256,
         },
         database: DatabaseSettings {
             engine_version,
@@ -871,6 +912,19 @@ fn is_version(s: &str) -> bool {
             .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
+fn is_artifact_url(s: &str) -> bool {
+    let rest = s
+        .strip_prefix("s3://")
+        .or_else(|| s.strip_prefix("https://"));
+    rest.is_some_and(|r| {
+        r.split('/').next().is_some_and(|host| !host.is_empty())
+            && r.contains('/')
+            && !r.ends_with('/')
+            && r.chars()
+                .all(|c| c.is_ascii_graphic() && c != '"' && c != '\\')
+    })
+}
+
 fn is_env_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
@@ -913,6 +967,11 @@ mod tests {
         assert!(!is_region("mars"));
         assert!(is_vpc_cidr("10.42.0.0/16"));
         assert!(!is_vpc_cidr("10.42.0.1/16"));
+        assert!(is_artifact_url("s3://bucket/a/runner.tar.gz"));
+        assert!(is_artifact_url("https://example.com/r.tar.gz"));
+        assert!(!is_artifact_url("http://example.com/r.tar.gz"));
+        assert!(!is_artifact_url("s3://bucket/"));
+        assert!(!is_artifact_url("s3://bucket/a b"));
         assert!(!is_vpc_cidr("10.0.0.0/8"));
     }
 

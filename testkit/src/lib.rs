@@ -2,6 +2,8 @@
 //! and guards that stop what a test started. Servers bind 127.0.0.1 only.
 
 pub mod postgres;
+pub mod aws_proxy;
+pub mod moto;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

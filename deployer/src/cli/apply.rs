@@ -51,6 +51,7 @@ fn header(style: &Style, verb: &str, stack: &str, stage: &str, t: &StageTarget) 
 /// `boxctl diff`.
 pub async fn diff(
     explicit: Option<&Path>,
+    endpoint: Option<&str>,
     stage: &str,
     output: Output,
     exit_code: bool,
@@ -59,7 +60,7 @@ pub async fn diff(
     let loaded = context::load(explicit, color)?;
     let stage_cfg = loaded.stack.stage(stage)?;
     let mut graph = loaded.stack.resolve(stage)?;
-    let target = context::target(&loaded, stage_cfg)?;
+    let target = context::target(&loaded, stage_cfg, endpoint).await?;
     let style = Style::stdout(color);
     if output == Output::Text {
         header(
@@ -73,6 +74,7 @@ pub async fn diff(
     let t0 = Instant::now();
     let (_, pl) = match &target.providers {
         Providers::Local(p) => make_plan(p, &mut graph, Mode::Deploy).await?,
+        Providers::Aws(p) => make_plan(p.as_ref(), &mut graph, Mode::Deploy).await?,
     };
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&render::plan_json(&pl))?),
@@ -96,6 +98,7 @@ pub async fn diff(
 /// `boxctl deploy` and `boxctl destroy`.
 pub async fn apply(
     explicit: Option<&Path>,
+    endpoint: Option<&str>,
     stage: &str,
     mode: Mode,
     args: &ApplyArgs,
@@ -105,7 +108,7 @@ pub async fn apply(
     let loaded = context::load(explicit, color)?;
     let stage_cfg = loaded.stack.stage(stage)?;
     let graph = loaded.stack.resolve(stage)?;
-    let target = context::target(&loaded, stage_cfg)?;
+    let target = context::target(&loaded, stage_cfg, endpoint).await?;
     let verb = match mode {
         Mode::Deploy => "deploy",
         Mode::Destroy => "destroy",
@@ -125,13 +128,45 @@ pub async fn apply(
         .map(|id| id.name().to_string())
         .collect();
     let (code, applied) = match &target.providers {
-        Providers::Local(p) => run(p, &target, graph, mode, &command, args, color).await?,
+        Providers::Local(p) => run(p, &target, graph.clone(), mode, &command, args, color).await?,
+        Providers::Aws(p) => {
+            // The lock lives in the stage bucket: it must exist first.
+            if p.ensure_state_bucket(&graph)
+                .await
+                .context("creating the stage bucket (it holds the deploy lock)")?
+            {
+                eprintln!("created the stage bucket s3://{}", p.bucket());
+            }
+            run(p.as_ref(), &target, graph.clone(), mode, &command, args, color).await?
+        }
     };
     if mode == Mode::Deploy && applied && verify && code == ExitCode::SUCCESS {
-        verify_stage(&loaded, stage_cfg, &runners, args.output, color).await?;
+        // On aws the check needs an admin key for the stage's API.
+        if stage_cfg.target == stack::Target::Local || std::env::var_os("BOXLITE_API_KEY").is_some() {
+            verify_stage(&loaded, stage_cfg, &runners, args.output, color).await?;
+        } else {
+            eprintln!(
+                "{} skipped the post-deploy check: set BOXLITE_API_KEY to an admin key of stage {stage} to run it",
+                Style::stderr(color).dim("verify:")
+            );
+        }
     }
-    if mode == Mode::Destroy && code == ExitCode::SUCCESS {
-        let Providers::Local(p) = &target.providers;
+    if mode == Mode::Destroy
+        && code == ExitCode::SUCCESS
+        && let Providers::Aws(p) = &target.providers
+    {
+        // The bucket goes last, lock and journal with it, unless it is retained.
+        if p.finish_destroy(&graph)
+            .await
+            .context("deleting the stage bucket")?
+        {
+            eprintln!("deleted the stage bucket s3://{}", p.bucket());
+        }
+    }
+    if mode == Mode::Destroy
+        && code == ExitCode::SUCCESS
+        && let Providers::Local(p) = &target.providers
+    {
         // Nothing retained is left in the stage directory: remove it, lock and journal included.
         if p.stage_dir().exists() && !has_retained(p.stage_dir()) {
             std::fs::remove_dir_all(p.stage_dir())

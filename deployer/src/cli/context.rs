@@ -8,6 +8,7 @@ use stack::{Diagnostic, Severity, Stack, Stage, Target};
 
 use crate::engine::store::{LocalStore, StateStore};
 use crate::platform::client::{ApiKey, Client};
+use crate::providers::aws::AwsProvider;
 use crate::providers::local::{LocalProvider, STATE_DIR};
 use crate::render::{ColorChoice, Style};
 
@@ -112,6 +113,8 @@ pub fn state_root() -> anyhow::Result<PathBuf> {
 pub enum Providers {
     /// The local machine.
     Local(LocalProvider),
+    /// AWS.
+    Aws(Box<AwsProvider>),
 }
 
 /// A stage ready to be planned and applied.
@@ -124,8 +127,13 @@ pub struct StageTarget {
     pub description: String,
 }
 
-/// Set up the providers and state store of a stage.
-pub fn target(loaded: &Loaded, stage: &Stage) -> anyhow::Result<StageTarget> {
+/// Set up the providers and state store of a stage; `endpoint` points every
+/// AWS client at an emulator.
+pub async fn target(
+    loaded: &Loaded,
+    stage: &Stage,
+    endpoint: Option<&str>,
+) -> anyhow::Result<StageTarget> {
     match stage.target {
         Target::Local => {
             let stage_dir = local_stage_dir(loaded, stage)?;
@@ -142,10 +150,31 @@ pub fn target(loaded: &Loaded, stage: &Stage) -> anyhow::Result<StageTarget> {
                 description,
             })
         }
-        Target::Aws => bail!(
-            "stage {:?} targets aws, which this build of boxctl cannot deploy yet",
-            stage.name
-        ),
+        Target::Aws => {
+            let (Some(region), Some(domain)) = (&stage.region, &stage.domain) else {
+                bail!(
+                    "stage {:?} targets aws without a region and domain",
+                    stage.name
+                );
+            };
+            let p =
+                AwsProvider::new(&loaded.stack.name, &stage.name, region, domain, endpoint).await;
+            let account = p
+                .account()
+                .await
+                .context("checking the AWS credentials (boxctl uses the standard chain: environment, profile, SSO, instance role)")?;
+            let store: Arc<dyn StateStore> = Arc::new(p.state_store());
+            let description = format!(
+                "aws account {account}, {region}{}, state in {}",
+                endpoint.map(|e| format!(" via {e}")).unwrap_or_default(),
+                store.location()
+            );
+            Ok(StageTarget {
+                providers: Providers::Aws(Box::new(p)),
+                store,
+                description,
+            })
+        }
     }
 }
 

@@ -152,7 +152,7 @@ pub async fn run(
         bail!("decommissioning an aws runner is not in this build yet");
     }
     let client = context::control_plane(&loaded, &stage)?;
-    let target = context::target(&loaded, &stage)?;
+    let target = context::target(&loaded, &stage, None).await?;
     let command = format!("boxctl decommission {} --stage {}", a.runner, stage.name);
     let holder = Holder::current(&command);
     let lock = Arc::new(
@@ -194,7 +194,9 @@ async fn locked(
     style: &Style,
 ) -> anyhow::Result<ExitCode> {
     let name = a.runner.as_str();
-    let Providers::Local(provider) = &target.providers;
+    let Providers::Local(provider) = &target.providers else {
+        bail!("decommissioning an aws runner is not in this build yet");
+    };
     let inventory = provider.observe().await.context("observing the stage")?;
     let prefix_ids: BTreeSet<ResourceId> = [
         format!("runner/{name}"),

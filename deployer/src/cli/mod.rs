@@ -48,6 +48,15 @@ pub struct Cli {
         value_name = "WHEN"
     )]
     color: ColorChoice,
+    /// Send every AWS request to this endpoint instead of AWS (an emulator such as moto).
+    #[arg(
+        long,
+        global = true,
+        env = "BOXCTL_AWS_ENDPOINT_URL",
+        value_name = "URL",
+        value_parser = parse_endpoint
+    )]
+    endpoint_url: Option<String>,
     /// More log output on stderr (-v info, -vv debug, -vvv trace).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -190,6 +199,17 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
+/// An `http://` or `https://` URL with a host.
+fn parse_endpoint(s: &str) -> Result<String, String> {
+    let u = url::Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+        return Err(format!(
+            "{s:?} must be an http:// or https:// URL with a host"
+        ));
+    }
+    Ok(s.trim_end_matches('/').to_string())
+}
+
 fn init_logging(verbose: u8) {
     let level = match verbose {
         0 => "warn",
@@ -246,6 +266,7 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let color = cli.color;
+    let endpoint = cli.endpoint_url.as_deref();
     match cli.command {
         Command::Validate(a) => {
             validate::run(cli.stack.as_deref(), a.stage.as_deref(), a.output, color)
@@ -254,6 +275,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Diff(a) => {
             apply::diff(
                 cli.stack.as_deref(),
+                endpoint,
                 &a.stage.stage,
                 a.output,
                 a.exit_code,
@@ -265,6 +287,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mode = crate::engine::plan::Mode::Deploy;
             apply::apply(
                 cli.stack.as_deref(),
+                endpoint,
                 &a.stage.stage,
                 mode,
                 &a.apply,
@@ -277,6 +300,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mode = crate::engine::plan::Mode::Destroy;
             apply::apply(
                 cli.stack.as_deref(),
+                endpoint,
                 &a.stage.stage,
                 mode,
                 &a.apply,
@@ -289,10 +313,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Runner(cmd) => runner::run(cli.stack.as_deref(), cmd, color).await,
         Command::Decommission(a) => decommission::run(cli.stack.as_deref(), a, color).await,
         Command::Status(a) => {
-            status::status(cli.stack.as_deref(), &a.stage.stage, a.output, color).await
+            status::status(
+                cli.stack.as_deref(),
+                endpoint,
+                &a.stage.stage,
+                a.output,
+                color,
+            )
+            .await
         }
         Command::Unlock(a) => {
-            status::unlock(cli.stack.as_deref(), &a.stage.stage, a.force, color).await
+            status::unlock(
+                cli.stack.as_deref(),
+                endpoint,
+                &a.stage.stage,
+                a.force,
+                color,
+            )
+            .await
         }
     }
 }
@@ -308,6 +346,16 @@ mod tests {
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert!(parse_duration("5d").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn endpoints_are_http_urls() {
+        assert_eq!(
+            parse_endpoint("http://127.0.0.1:5000/").unwrap(),
+            "http://127.0.0.1:5000"
+        );
+        assert!(parse_endpoint("127.0.0.1:5000").is_err());
+        assert!(parse_endpoint("ftp://x").is_err());
     }
 
     #[test]

@@ -39,13 +39,14 @@ fn last_deploy_json(doc: &JournalDoc, status: &str) -> serde_json::Value {
 /// `boxctl status`.
 pub async fn status(
     explicit: Option<&Path>,
+    endpoint: Option<&str>,
     stage: &str,
     output: Output,
     color: ColorChoice,
 ) -> anyhow::Result<ExitCode> {
     let loaded = context::load(explicit, color)?;
     let stage_cfg = loaded.stack.stage(stage)?;
-    let target = context::target(&loaded, stage_cfg)?;
+    let target = context::target(&loaded, stage_cfg, endpoint).await?;
     let store = target.store.as_ref();
     let last = journal::latest_matching(store, journal::is_deploy).await?;
     let latest = journal::latest(store).await?;
@@ -169,13 +170,14 @@ pub async fn status(
 /// `boxctl unlock`.
 pub async fn unlock(
     explicit: Option<&Path>,
+    endpoint: Option<&str>,
     stage: &str,
     force: bool,
     color: ColorChoice,
 ) -> anyhow::Result<ExitCode> {
     let loaded = context::load(explicit, color)?;
     let stage_cfg = loaded.stack.stage(stage)?;
-    let target = context::target(&loaded, stage_cfg)?;
+    let target = context::target(&loaded, stage_cfg, endpoint).await?;
     let style = Style::stderr(color);
     let Some((info, _)) = lock::read(target.store.as_ref()).await? else {
         eprintln!("stage {}/{stage} is not locked", loaded.stack.name);

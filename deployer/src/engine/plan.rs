@@ -293,15 +293,43 @@ pub fn plan(graph: &DesiredGraph, inventory: &Inventory, kinds: &[KindSpec], mod
         .collect();
     // Listed by id; the apply orders deletes by dependency.
     orphans.sort_by(|a, b| a.id.cmp(&b.id));
+    // A retained resource keeps what it stands on (a database its subnets and
+    // security groups): its declared dependencies are kept too, transitively.
+    let retained: BTreeSet<ResourceId> = orphans
+        .iter()
+        .filter(|o| merged_policy(graph.resources.get(&o.id).map(|r| &r.policy), &o.policy).retain)
+        .map(|o| o.id.clone())
+        .collect();
+    let mut kept_for: BTreeMap<ResourceId, ResourceId> = BTreeMap::new();
+    if mode == Mode::Destroy {
+        let mut todo: Vec<ResourceId> = retained.iter().cloned().collect();
+        while let Some(id) = todo.pop() {
+            for dep in graph
+                .resources
+                .get(&id)
+                .map(Resource::all_deps)
+                .unwrap_or_default()
+            {
+                if !retained.contains(&dep) && !kept_for.contains_key(&dep) {
+                    kept_for.insert(dep.clone(), id.clone());
+                    todo.push(dep);
+                }
+            }
+        }
+    }
     for o in orphans {
-        let policy = merged_policy(graph.resources.get(&o.id).map(|r| &r.policy), &o.policy);
         let (action, reason) = match mode {
-            Mode::Destroy if policy.retain => {
+            Mode::Destroy if retained.contains(&o.id) => {
                 (Action::Retain, Some("retained by policy".to_string()))
             }
+            Mode::Destroy if kept_for.contains_key(&o.id) => (
+                Action::Retain,
+                Some(format!("{} depends on it", kept_for[&o.id])),
+            ),
             Mode::Destroy => (Action::Delete, Some("stage destroyed".to_string())),
             Mode::Deploy => (Action::Delete, Some("no longer declared".to_string())),
         };
+        let policy = merged_policy(graph.resources.get(&o.id).map(|r| &r.policy), &o.policy);
         if mode == Mode::Deploy && policy.protect {
             errors.push(PlanError {
                 id: o.id.clone(),

@@ -433,6 +433,34 @@ async fn protected_resources_are_never_replaced_or_deleted_by_deploy() {
 }
 
 #[tokio::test]
+async fn destroy_keeps_what_a_retained_resource_depends_on() {
+    let world = Arc::new(World::default());
+    let mut g = stage();
+    g.resources
+        .get_mut(&ResourceId::from("app/a"))
+        .unwrap()
+        .policy
+        .retain = true;
+    deploy(&world, &g, 10).await;
+    let inv = Mem(world.clone()).observe().await.unwrap();
+    let p = plan(&g, &inv, KINDS, Mode::Destroy);
+    let of = |id: &str| {
+        p.changes
+            .iter()
+            .find(|c| c.id.as_str() == id)
+            .unwrap_or_else(|| panic!("{id} not in plan"))
+    };
+    // app/a stands on host/a, which stands on net/main: all three stay.
+    assert_eq!(of("app/a").action, Action::Retain);
+    assert_eq!(of("host/a").action, Action::Retain);
+    assert_eq!(of("host/a").reason.as_deref(), Some("app/a depends on it"));
+    assert_eq!(of("net/main").action, Action::Retain);
+    for gone in ["app/b", "host/b", "runner/runner-1"] {
+        assert_eq!(of(gone).action, Action::Delete, "{gone}");
+    }
+}
+
+#[tokio::test]
 async fn destroy_deletes_dependents_first_and_keeps_retained_resources() {
     let world = Arc::new(World::default());
     let mut g = stage();

@@ -1,3 +1,4 @@
 //! Providers: one per part of the world a stage lives in.
 
+pub mod aws;
 pub mod local;
