@@ -1,9 +1,9 @@
 //! Test support shared by every crate's tests: free ports, readiness waits,
 //! and guards that stop what a test started. Servers bind 127.0.0.1 only.
 
-pub mod postgres;
 pub mod aws_proxy;
 pub mod moto;
+pub mod postgres;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -137,12 +137,22 @@ pub async fn apply(
             {
                 eprintln!("created the stage bucket s3://{}", p.bucket());
             }
-            run(p.as_ref(), &target, graph.clone(), mode, &command, args, color).await?
+            run(
+                p.as_ref(),
+                &target,
+                graph.clone(),
+                mode,
+                &command,
+                args,
+                color,
+            )
+            .await?
         }
     };
     if mode == Mode::Deploy && applied && verify && code == ExitCode::SUCCESS {
         // On aws the check needs an admin key for the stage's API.
-        if stage_cfg.target == stack::Target::Local || std::env::var_os("BOXLITE_API_KEY").is_some() {
+        if stage_cfg.target == stack::Target::Local || std::env::var_os("BOXLITE_API_KEY").is_some()
+        {
             verify_stage(&loaded, stage_cfg, &runners, args.output, color).await?;
         } else {
             eprintln!(
