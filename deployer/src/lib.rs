@@ -5,3 +5,4 @@ pub mod engine;
 pub mod platform;
 pub mod providers;
 pub mod render;
+pub mod secrets;

@@ -7,6 +7,7 @@ pub mod graph;
 pub mod model;
 pub mod resolve;
 pub mod schema;
+pub mod secrets;
 pub mod template;
 mod validate;
 

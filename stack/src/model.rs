@@ -187,6 +187,10 @@ pub struct Service {
     pub replicas: u32,
     /// Environment.
     pub env: BTreeMap<String, String>,
+    /// Environment variable → stage secret name, required.
+    pub secrets: BTreeMap<String, String>,
+    /// Environment variable → stage secret name, passed only when set.
+    pub optional_secrets: BTreeMap<String, String>,
 }
 
 /// Built-in defaults, applied under `[defaults]`.

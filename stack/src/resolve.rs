@@ -4,7 +4,7 @@
 pub mod aws;
 pub mod net;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use sha2::{Digest, Sha256};
 
@@ -76,6 +76,9 @@ pub mod kinds {
     pub const AWS_PARAMETER: &str = "aws.ssm.parameter";
     /// A generated SSM `SecureString`; its value never appears in the graph.
     pub const AWS_SECRET: &str = "aws.ssm.secret";
+
+    /// A DNS record in a Cloudflare zone, owned through its comment.
+    pub const CLOUDFLARE_DNS_RECORD: &str = "cloudflare.dns_record";
 }
 
 /// Why a stage cannot be resolved.
@@ -101,6 +104,14 @@ pub enum ResolveError {
         /// Target.
         target: Target,
     },
+    /// Required secrets are not set.
+    #[error("stage {stage:?} needs secrets that are not set: {}; set each with `boxctl secret set NAME --stage {stage}`", missing.join(", "))]
+    MissingSecrets {
+        /// Stage.
+        stage: String,
+        /// Each missing secret, with the service and variable wanting it.
+        missing: Vec<String>,
+    },
     /// A template failed to render.
     #[error(transparent)]
     Template(#[from] TemplateError),
@@ -123,16 +134,57 @@ impl Stack {
             })
     }
 
-    /// The desired resource graph of a stage.
+    /// The desired resource graph of a stage, every declared secret referenced
+    /// (for showing the graph; deploys use [`Stack::resolve_with_secrets`]).
     pub fn resolve(&self, stage: &str) -> Result<DesiredGraph, ResolveError> {
         let s = self.stage(stage)?;
-        let graph = match s.target {
-            Target::Local => local(&self.name, s)?,
-            Target::Aws => aws::resolve(&self.name, s)?,
-        };
-        graph.check()?;
-        Ok(graph)
+        resolve_stage(&self.name, s)
     }
+
+    /// The desired resource graph of a stage given the names of its secrets
+    /// that are set: an unset optional secret is left out (its feature is
+    /// off); an unset required one fails, naming it.
+    pub fn resolve_with_secrets(
+        &self,
+        stage: &str,
+        set: &BTreeSet<String>,
+    ) -> Result<DesiredGraph, ResolveError> {
+        let mut s = self.stage(stage)?.clone();
+        let mut missing = Vec::new();
+        for svc in &mut s.services {
+            for (var, name) in &svc.secrets {
+                if !set.contains(name) {
+                    missing.push(format!("{name} (service {}, {var})", svc.name));
+                }
+            }
+            svc.optional_secrets.retain(|_, name| set.contains(name));
+        }
+        if !missing.is_empty() {
+            return Err(ResolveError::MissingSecrets {
+                stage: s.name.clone(),
+                missing,
+            });
+        }
+        resolve_stage(&self.name, &s)
+    }
+}
+
+fn resolve_stage(stack: &str, s: &Stage) -> Result<DesiredGraph, ResolveError> {
+    let graph = match s.target {
+        Target::Local => local(stack, s)?,
+        Target::Aws => aws::resolve(stack, s)?,
+    };
+    graph.check()?;
+    Ok(graph)
+}
+
+/// The secrets a service receives: environment variable → stage secret name.
+pub fn service_secrets(svc: &crate::model::Service) -> BTreeMap<String, String> {
+    svc.secrets
+        .iter()
+        .chain(&svc.optional_secrets)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// SHA-256 of text, hex.
@@ -285,16 +337,21 @@ fn local(stack: &str, s: &Stage) -> Result<DesiredGraph, ResolveError> {
             .command
             .split_first()
             .expect("validated: command is not empty on local");
-        g.add(
-            Resource::new(format!("service/{}", svc.name), LOCAL_PROCESS)
-                .prop("program", prog.as_str())
-                .prop("args", Value::strs(args.iter().map(String::as_str)))
-                .prop("env", Value::Map(env))
-                .prop("health", health)
-                .prop("log", format!("logs/service-{}.log", svc.name))
-                .prop("running", true)
-                .dep("dir/data"),
-        )?;
+        let mut r = Resource::new(format!("service/{}", svc.name), LOCAL_PROCESS)
+            .prop("program", prog.as_str())
+            .prop("args", Value::strs(args.iter().map(String::as_str)))
+            .prop("env", Value::Map(env))
+            .prop("health", health)
+            .prop("log", format!("logs/service-{}.log", svc.name))
+            .prop("running", true)
+            .dep("dir/data");
+        // Names only: the provider reads the values from the stage's secrets
+        // file when it starts the process.
+        let secrets = service_secrets(svc);
+        if !secrets.is_empty() {
+            r = r.prop("secret_env", Value::str_map(secrets));
+        }
+        g.add(r)?;
     }
 
     g.outputs.insert("api_url".into(), Value::str(api_url));

@@ -152,8 +152,14 @@ layer! {
         memory_mb: i64 = integer,
         /// Number of tasks.
         replicas: i64 = integer,
-        /// Environment variables (never secrets: use `boxctl secret`).
+        /// Environment variables (never secrets: use `secrets`).
         env: BTreeMap<String, Sp<String>> = string_map,
+        /// Environment variable → stage secret (`boxctl secret set`); the
+        /// deploy stops while one is unset.
+        secrets: BTreeMap<String, Sp<String>> = string_map,
+        /// Like `secrets`, but an unset secret leaves the variable out (the
+        /// feature it enables is off).
+        optional_secrets: BTreeMap<String, Sp<String>> = string_map,
     }
 }
 

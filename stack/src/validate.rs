@@ -710,6 +710,47 @@ fn services(
                 env.insert(var.clone(), value.value.clone());
             }
         }
+        let mut secret_maps = [BTreeMap::new(), BTreeMap::new()];
+        for (slot, (key, decl)) in secret_maps
+            .iter_mut()
+            .zip([("secrets", &l.secrets), ("optional_secrets", &l.optional_secrets)])
+        {
+            let Some(decl) = decl else { continue };
+            for (var, secret) in &decl.value {
+                let key = k(&format!("{key}.{var}"));
+                if !is_env_name(var) {
+                    d.error(
+                        &key,
+                        secret.span.clone(),
+                        format!("{var:?} is not an environment variable name"),
+                    )
+                    .hint("use letters, digits and '_', not starting with a digit");
+                    *ok = false;
+                } else if env.contains_key(var) {
+                    d.error(
+                        &key,
+                        secret.span.clone(),
+                        format!("{var} is set twice (in `env` and as a secret)"),
+                    );
+                    *ok = false;
+                }
+                if let Err(why) = crate::secrets::check_name(&secret.value) {
+                    d.error(&key, secret.span.clone(), why)
+                        .hint("stage secret names are lowercase letters, digits and '-', e.g. \"sentry-dsn\"");
+                    *ok = false;
+                }
+                slot.insert(var.clone(), secret.value.clone());
+            }
+        }
+        let [secrets, optional_secrets] = secret_maps;
+        for var in optional_secrets.keys().filter(|v| secrets.contains_key(*v)) {
+            d.error(
+                &k(&format!("optional_secrets.{var}")),
+                s.span.clone(),
+                format!("{var} is both a required and an optional secret"),
+            );
+            *ok = false;
+        }
         out.push(Service {
             name: name.value.clone(),
             image: l.image.as_ref().map(|i| i.value.clone()),
@@ -733,6 +774,8 @@ fn services(
             ),
             replicas: ranged(d, &k("replicas"), &l.replicas, 0, 50, 1, ok),
             env,
+            secrets,
+            optional_secrets,
         });
     }
     out

@@ -116,6 +116,8 @@ pub struct Route {
     pub doc: Doc,
     /// Handler.
     pub handler: MethodRouter<AppState>,
+    /// Largest request body accepted.
+    pub body_limit: usize,
 }
 
 impl Route {
@@ -132,6 +134,7 @@ impl Route {
             access,
             doc: Doc::default(),
             handler: on(filter, handler),
+            body_limit: MAX_BODY_BYTES,
         }
     }
 
@@ -215,7 +218,7 @@ impl Route {
 
     /// Allow bodies up to `bytes` on this route.
     pub fn body_limit(mut self, bytes: usize) -> Self {
-        self.handler = self.handler.layer(DefaultBodyLimit::max(bytes));
+        self.body_limit = bytes;
         self
     }
 }
@@ -229,12 +232,18 @@ pub fn routes() -> Vec<Route> {
 pub fn router(state: AppState, routes: Vec<Route>) -> Router {
     let mut r = Router::new();
     for route in routes {
-        r = r.route(route.path, route.handler);
+        let limit = route.body_limit;
+        let handler = route
+            .handler
+            .layer(DefaultBodyLimit::max(limit))
+            .layer(middleware::from_fn(move |req: Request, next: Next| {
+                refuse_oversized(limit, req, next)
+            }));
+        r = r.route(route.path, handler);
     }
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
     r.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(
             ServiceBuilder::new()
                 .layer(middleware::from_fn(sanitize_request_id))
@@ -288,6 +297,40 @@ async fn log_request(req: Request, next: Next) -> Response {
 
 /// Drop a client-sent request id that is too long or has odd characters
 /// (it goes into logs), so a fresh one is generated.
+/// Most bytes of a refused body read and discarded before answering 413.
+const DRAIN_LIMIT: u64 = 8 * 1024 * 1024;
+
+/// Answer 413 to a body declared larger than `limit` without handing it to
+/// the handler. A body up to [`DRAIN_LIMIT`] is read and discarded first:
+/// closing a connection with unread data resets it, and the client would see
+/// a broken connection instead of the answer.
+async fn refuse_oversized(limit: usize, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let Some(len) = declared.filter(|len| *len > limit as u64) else {
+        return next.run(req).await;
+    };
+    let refused = Error::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "request body is too large",
+    );
+    if len <= DRAIN_LIMIT {
+        let body = req.into_body();
+        let _ = axum::body::to_bytes(body, DRAIN_LIMIT as usize).await;
+        return refused.into_response();
+    }
+    let mut resp = refused.into_response();
+    resp.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
 async fn sanitize_request_id(mut req: Request, next: Next) -> Response {
     let bad = req.headers().get(REQUEST_ID_HEADER).is_some_and(|v| {
         v.len() > 128

@@ -18,6 +18,8 @@ use crate::engine::journal::{self, ApplyStatus, Journal};
 use crate::engine::lock::{self, Holder, LockRequest, SystemClock, fmt_time};
 use crate::engine::plan::{Mode, Plan, plan};
 use crate::engine::provider::{Inventory, Provider};
+use crate::providers::cloudflare::CloudflareProvider;
+use crate::providers::pair::Pair;
 use crate::render::{self, ColorChoice, ProgressPrinter, Style, human_duration};
 
 /// Observe the world and plan; `prepare` runs only when deploying (it needs
@@ -35,6 +37,44 @@ pub async fn make_plan<P: Provider>(
     let inventory = p.observe().await.context("observing the stage")?;
     let pl = plan(graph, &inventory, p.kinds(), mode);
     Ok((inventory, pl))
+}
+
+/// The stage's graph: for a deploy, with the stage's secrets that are set
+/// (an unset required one stops here, before anything is observed).
+async fn resolve(
+    loaded: &context::Loaded,
+    stage: &str,
+    target: &StageTarget,
+    mode: Mode,
+) -> anyhow::Result<DesiredGraph> {
+    if mode == Mode::Destroy {
+        return Ok(loaded.stack.resolve(stage)?);
+    }
+    let set = target
+        .secrets
+        .names()
+        .await
+        .context("listing the stage's secrets")?;
+    Ok(loaded.stack.resolve_with_secrets(stage, &set)?)
+}
+
+/// The stage's DNS provider, if it has one, taking over the records to adopt.
+async fn dns(
+    loaded: &context::Loaded,
+    stage: &stack::Stage,
+    target: &StageTarget,
+    adopt: &[String],
+) -> anyhow::Result<Option<CloudflareProvider>> {
+    let mut dns = context::dns(loaded, stage, target).await?;
+    match dns.as_mut() {
+        Some(d) => d.adopt(adopt.iter().map(|a| stack::ResourceId::new(a.as_str()))),
+        None if !adopt.is_empty() => bail!(
+            "--adopt takes over DNS records, and stage {:?} has no [dns]",
+            stage.name
+        ),
+        None => {}
+    }
+    Ok(dns)
 }
 
 fn header(style: &Style, verb: &str, stack: &str, stage: &str, t: &StageTarget) {
@@ -55,12 +95,14 @@ pub async fn diff(
     stage: &str,
     output: Output,
     exit_code: bool,
+    adopt: &[String],
     color: ColorChoice,
 ) -> anyhow::Result<ExitCode> {
     let loaded = context::load(explicit, color)?;
     let stage_cfg = loaded.stack.stage(stage)?;
-    let mut graph = loaded.stack.resolve(stage)?;
     let target = context::target(&loaded, stage_cfg, endpoint).await?;
+    let mut graph = resolve(&loaded, stage, &target, Mode::Deploy).await?;
+    let dns = dns(&loaded, stage_cfg, &target, adopt).await?;
     let style = Style::stdout(color);
     if output == Output::Text {
         header(
@@ -72,9 +114,12 @@ pub async fn diff(
         );
     }
     let t0 = Instant::now();
-    let (_, pl) = match &target.providers {
-        Providers::Local(p) => make_plan(p, &mut graph, Mode::Deploy).await?,
-        Providers::Aws(p) => make_plan(p.as_ref(), &mut graph, Mode::Deploy).await?,
+    let (_, pl) = match (&target.providers, &dns) {
+        (Providers::Local(p), _) => make_plan(p, &mut graph, Mode::Deploy).await?,
+        (Providers::Aws(p), None) => make_plan(p.as_ref(), &mut graph, Mode::Deploy).await?,
+        (Providers::Aws(p), Some(d)) => {
+            make_plan(&Pair::new(p.as_ref(), d), &mut graph, Mode::Deploy).await?
+        }
     };
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&render::plan_json(&pl))?),
@@ -103,12 +148,14 @@ pub async fn apply(
     mode: Mode,
     args: &ApplyArgs,
     verify: bool,
+    adopt: &[String],
     color: ColorChoice,
 ) -> anyhow::Result<ExitCode> {
     let loaded = context::load(explicit, color)?;
     let stage_cfg = loaded.stack.stage(stage)?;
-    let graph = loaded.stack.resolve(stage)?;
     let target = context::target(&loaded, stage_cfg, endpoint).await?;
+    let graph = resolve(&loaded, stage, &target, mode).await?;
+    let dns = dns(&loaded, stage_cfg, &target, adopt).await?;
     let verb = match mode {
         Mode::Deploy => "deploy",
         Mode::Destroy => "destroy",
@@ -137,16 +184,24 @@ pub async fn apply(
             {
                 eprintln!("created the stage bucket s3://{}", p.bucket());
             }
-            run(
-                p.as_ref(),
-                &target,
-                graph.clone(),
-                mode,
-                &command,
-                args,
-                color,
-            )
-            .await?
+            match &dns {
+                Some(d) => {
+                    let both = Pair::new(p.as_ref(), d);
+                    run(&both, &target, graph.clone(), mode, &command, args, color).await?
+                }
+                None => {
+                    run(
+                        p.as_ref(),
+                        &target,
+                        graph.clone(),
+                        mode,
+                        &command,
+                        args,
+                        color,
+                    )
+                    .await?
+                }
+            }
         }
     };
     if mode == Mode::Deploy && applied && verify && code == ExitCode::SUCCESS {
@@ -327,7 +382,7 @@ async fn locked<P: Provider>(
     print!("{}", render::plan_text(&pl, style_out));
     if !pl.errors.is_empty() {
         bail!(
-            "the plan is refused by policy ({} error(s)); nothing was changed",
+            "the plan is refused ({} error(s)); nothing was changed",
             pl.errors.len()
         );
     }

@@ -10,7 +10,9 @@ use crate::engine::store::{LocalStore, StateStore};
 use crate::platform::client::{ApiKey, Client};
 use crate::providers::aws::AwsProvider;
 use crate::providers::local::{LocalProvider, STATE_DIR};
+use crate::providers::cloudflare::{self, CloudflareCredentials, CloudflareProvider};
 use crate::render::{ColorChoice, Style};
+use crate::secrets::{SecretStore, SecretValue};
 
 /// A loaded, valid stack.
 pub struct Loaded {
@@ -125,6 +127,8 @@ pub struct StageTarget {
     pub store: Arc<dyn StateStore>,
     /// Describes the target in one line.
     pub description: String,
+    /// Where the stage's secrets are kept.
+    pub secrets: SecretStore,
 }
 
 /// Set up the providers and state store of a stage; `endpoint` points every
@@ -139,7 +143,9 @@ pub async fn target(
             let stage_dir = local_stage_dir(loaded, stage)?;
             let store: Arc<dyn StateStore> = Arc::new(LocalStore::new(stage_dir.join(STATE_DIR)));
             let description = format!("local, state in {}", stage_dir.display());
+            let secrets = SecretStore::File(crate::secrets::local_file(&stage_dir));
             Ok(StageTarget {
+                secrets,
                 providers: Providers::Local(LocalProvider::new(
                     &loaded.stack.name,
                     &stage.name,
@@ -169,13 +175,63 @@ pub async fn target(
                 endpoint.map(|e| format!(" via {e}")).unwrap_or_default(),
                 store.location()
             );
+            let secrets = SecretStore::Ssm {
+                client: p.clients().ssm.clone(),
+                prefix: stack::resolve::aws::ssm_prefix(&stage.name),
+            };
             Ok(StageTarget {
+                secrets,
                 providers: Providers::Aws(Box::new(p)),
                 store,
                 description,
             })
         }
     }
+}
+
+/// The stage's DNS provider, connected: credentials from the environment
+/// (`CLOUDFLARE_API_TOKEN`, `CLOUDFLARE_ACCOUNT_ID`) or the stage's secrets,
+/// the token checked and the zone found, before anything is planned.
+pub async fn dns(
+    loaded: &Loaded,
+    stage: &Stage,
+    target: &StageTarget,
+) -> anyhow::Result<Option<CloudflareProvider>> {
+    let Some(settings) = &stage.dns else {
+        return Ok(None);
+    };
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let wanted = |var: &'static str, secret: &'static str| async move {
+        if let Some(v) = env(var) {
+            return Ok::<_, anyhow::Error>(SecretValue::new(v.trim()));
+        }
+        match target.secrets.get(secret).await.with_context(|| {
+            format!("reading the Cloudflare credentials of stage {:?}", stage.name)
+        })? {
+            Some(v) => Ok(v),
+            None => bail!(
+                "stage {:?} uses Cloudflare DNS but {secret} is not set: run `boxctl secret set {secret} --stage {}` (or set {var})",
+                stage.name,
+                stage.name
+            ),
+        }
+    };
+    let token = wanted("CLOUDFLARE_API_TOKEN", stack::secrets::CLOUDFLARE_API_TOKEN).await?;
+    let account =
+        wanted("CLOUDFLARE_ACCOUNT_ID", stack::secrets::CLOUDFLARE_ACCOUNT_ID).await?;
+    let base = cloudflare::api_url(env(cloudflare::API_URL_ENV).as_deref())?;
+    let p = CloudflareProvider::connect(
+        &loaded.stack.name,
+        &stage.name,
+        &settings.zone,
+        CloudflareCredentials {
+            token,
+            account_id: account.expose().trim().to_string(),
+        },
+        &base,
+    )
+    .await?;
+    Ok(Some(p))
 }
 
 /// The local stage directory of a stage.

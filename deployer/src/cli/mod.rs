@@ -5,6 +5,7 @@ mod boxes;
 mod context;
 mod decommission;
 mod runner;
+mod secret;
 mod status;
 mod validate;
 
@@ -86,6 +87,9 @@ enum Command {
     /// Operate runners: roll out a new runner binary.
     #[command(subcommand)]
     Runner(runner::RunnerCommand),
+    /// Set, list and remove the stage's secrets (values never shown).
+    #[command(subcommand)]
+    Secret(secret::SecretCommand),
     /// Retire one runner: drain it, empty it (--migrate or --wait), then stop
     /// and remove it and deregister it.
     Decommission(decommission::DecommissionArgs),
@@ -127,6 +131,9 @@ struct DiffArgs {
     /// Exit 2 when there are changes, 0 when there are none.
     #[arg(long)]
     exit_code: bool,
+    /// Show the plan as if `deploy --adopt ID` (see deploy --help).
+    #[arg(long, value_name = "ID")]
+    adopt: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -155,6 +162,11 @@ struct DeployArgs {
     /// box created, exec'd and deleted).
     #[arg(long)]
     no_verify: bool,
+    /// Take over a DNS record boxctl does not own but the stage declares
+    /// (e.g. `--adopt dns/api`): without it, a foreign record holding a wanted
+    /// name stops the plan. Repeatable.
+    #[arg(long, value_name = "ID")]
+    adopt: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -279,6 +291,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &a.stage.stage,
                 a.output,
                 a.exit_code,
+                &a.adopt,
                 color,
             )
             .await
@@ -292,6 +305,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 mode,
                 &a.apply,
                 !a.no_verify,
+                &a.adopt,
                 color,
             )
             .await
@@ -305,12 +319,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 mode,
                 &a.apply,
                 false,
+                &[],
                 color,
             )
             .await
         }
         Command::Box(cmd) => boxes::run(cli.stack.as_deref(), cmd, color).await,
         Command::Runner(cmd) => runner::run(cli.stack.as_deref(), cmd, color).await,
+        Command::Secret(cmd) => secret::run(cli.stack.as_deref(), endpoint, cmd, color).await,
         Command::Decommission(a) => decommission::run(cli.stack.as_deref(), a, color).await,
         Command::Status(a) => {
             status::status(

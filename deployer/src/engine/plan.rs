@@ -144,7 +144,7 @@ pub struct Plan {
     pub mode: Mode,
     /// Every resource, in apply order for creates and updates, then deletes.
     pub changes: Vec<Change>,
-    /// Changes refused by policy.
+    /// Changes refused: by policy, or blocked by what the stage does not own.
     pub errors: Vec<PlanError>,
     /// Counts.
     pub summary: Summary,
@@ -186,6 +186,13 @@ pub fn plan(graph: &DesiredGraph, inventory: &Inventory, kinds: &[KindSpec], mod
         .unwrap_or_else(|_| graph.resources.keys().collect());
 
     if mode == Mode::Deploy {
+        for c in &inventory.conflicts {
+            errors.push(PlanError {
+                id: c.id.clone(),
+                message: c.message.clone(),
+                hint: c.hint.clone(),
+            });
+        }
         for id in order {
             let desired = &graph.resources[id];
             let Some(observed) = inventory.resources.get(id) else {

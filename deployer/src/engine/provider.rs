@@ -59,6 +59,18 @@ impl Observed {
     }
 }
 
+/// Something the stage does not own stands where a declared resource must go
+/// (a DNS name held by a foreign record); the plan refuses it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    /// The declared resource.
+    pub id: ResourceId,
+    /// What stands in the way.
+    pub message: String,
+    /// How to resolve it deliberately.
+    pub hint: String,
+}
+
 /// Everything a provider found for a stage.
 #[derive(Clone, Debug, Default)]
 pub struct Inventory {
@@ -67,6 +79,8 @@ pub struct Inventory {
     /// Extra copies carrying an id already seen (left by a crashed run without
     /// idempotency); the plan deletes them.
     pub duplicates: Vec<Observed>,
+    /// Declared resources blocked by something the stage does not own.
+    pub conflicts: Vec<Conflict>,
 }
 
 impl Inventory {
@@ -85,6 +99,7 @@ impl Inventory {
             self.add(o);
         }
         self.duplicates.extend(other.duplicates);
+        self.conflicts.extend(other.conflicts);
     }
 }
 

@@ -1,4 +1,6 @@
-//! Providers: one per part of the world a stage lives in.
+//! Providers: how each target (and DNS provider) observes and changes its part of the world.
 
 pub mod aws;
+pub mod cloudflare;
 pub mod local;
+pub mod pair;

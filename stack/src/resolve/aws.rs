@@ -328,6 +328,7 @@ pub fn resolve(stack: &str, s: &Stage) -> Result<DesiredGraph, ResolveError> {
     load_balancers(&c, &mut g)?;
     services(&c, &mut g)?;
     runners(&c, &mut g)?;
+    dns(&c, &mut g)?;
     outputs(&c, &mut g);
     Ok(g)
 }
@@ -648,10 +649,10 @@ fn identity(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError> {
                         "Resource": [c.ssm_arn("*")],
                     },
                     {
-                        "Sid": "NotRunnerTokens",
+                        "Sid": "NotRunnerTokensOrDnsCredentials",
                         "Effect": "Deny",
                         "Action": ["ssm:*"],
-                        "Resource": [c.ssm_arn("runner-tokens/*")],
+                        "Resource": [c.ssm_arn("runner-tokens/*"), c.ssm_arn("cloudflare-*")],
                     },
                 ]),
             ),
@@ -769,12 +770,16 @@ fn load_balancers(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError>
                 )
                 .prop("validation_method", "DNS"),
         )?;
-        g.add(
+        let mut validation =
             Resource::new(format!("certvalidation/{name}"), AWS_CERTIFICATE_VALIDATION).prop(
                 "certificate",
                 Value::reference(&format!("cert/{name}"), "arn"),
-            ),
-        )?;
+            );
+        if c.stage.dns.is_some() {
+            // boxctl publishes the validation record itself.
+            validation = validation.dep(&format!("dns/acm-{name}"));
+        }
+        g.add(validation)?;
     }
 
     for (name, kind, sg) in [
@@ -902,6 +907,71 @@ fn load_balancers(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError>
                 )
                 .dep(&format!("certvalidation/svc-{}", svc.name)),
         )?;
+    }
+    Ok(())
+}
+
+/// Public names in the stage's DNS zone (Cloudflare): the API, the proxy and
+/// its wildcard, SSH and public services point at their load balancers, and
+/// each certificate's DNS validation record is published so ACM issues it
+/// without manual steps.
+///
+/// Proxied through Cloudflare: the API and public services (names one label
+/// under the zone's apex certificate). Not proxied: `proxy.` and
+/// `*.proxy.` (Cloudflare's universal certificate covers one label, not a
+/// wildcard below a subdomain), `ssh.` (raw TCP cannot be proxied) and the
+/// validation records (ACM must see them as they are).
+fn dns(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError> {
+    let Some(dns) = &c.stage.dns else {
+        return Ok(());
+    };
+    let zone = dns.zone.to_ascii_lowercase();
+    let domain = c.domain.to_ascii_lowercase();
+    let record = |id: String, name: Value, content: Value, proxied: bool| {
+        Resource::new(id, CLOUDFLARE_DNS_RECORD)
+            .prop("zone", zone.as_str())
+            .prop("name", name)
+            .prop("type", "CNAME")
+            .prop("content", content)
+            .prop("proxied", proxied)
+            .prop("ttl", 1u32)
+    };
+    let to_lb = |lb: &str| Value::reference(&format!("lb/{lb}"), "dns_name");
+    for (id, name, lb, proxied) in [
+        ("dns/api", format!("api.{domain}"), "api", true),
+        ("dns/proxy", format!("proxy.{domain}"), "proxy", false),
+        (
+            "dns/proxy-wildcard",
+            format!("*.proxy.{domain}"),
+            "proxy",
+            false,
+        ),
+        ("dns/ssh", format!("ssh.{domain}"), "ssh", false),
+    ] {
+        g.add(record(id.to_string(), Value::str(name), to_lb(lb), proxied))?;
+    }
+    for svc in c.stage.services.iter().filter(|s| s.public) {
+        g.add(record(
+            format!("dns/svc-{}", svc.name),
+            Value::str(format!("{}.{domain}", svc.name)),
+            to_lb("api"),
+            true,
+        ))?;
+    }
+    let certs: Vec<String> = g
+        .resources
+        .values()
+        .filter(|r| r.kind == AWS_CERTIFICATE)
+        .map(|r| r.id.name().to_string())
+        .collect();
+    for cert in certs {
+        let of = format!("cert/{cert}");
+        g.add(record(
+            format!("dns/acm-{cert}"),
+            Value::reference(&of, "validation_name"),
+            Value::reference(&of, "validation_value"),
+            false,
+        ))?;
     }
     Ok(())
 }
@@ -1108,7 +1178,10 @@ fn services(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError> {
                 memory_mb: svc.memory_mb,
                 replicas: svc.replicas,
                 env,
-                secrets: BTreeMap::new(),
+                secrets: super::service_secrets(svc)
+                    .into_iter()
+                    .map(|(var, name)| (var, c.ssm(&name)))
+                    .collect(),
                 target_group: svc.public.then(|| format!("tg/svc-{}", svc.name)),
                 after,
             },

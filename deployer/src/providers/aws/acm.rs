@@ -158,11 +158,15 @@ pub async fn observe(p: &AwsProvider) -> Result<Vec<Observed>, ProviderError> {
                 ("alternative_names".into(), Value::strs(d.sans)),
                 ("validation_method".into(), Value::str("DNS")),
             ]),
-            out(&[
-                ("arn", Value::str(arn.as_str())),
-                ("validation_records", d.records),
-                ("status", Value::Str(d.status)),
-            ]),
+            {
+                let mut o = validation_outputs(&d.records);
+                o.extend(out(&[
+                    ("arn", Value::str(arn.as_str())),
+                    ("validation_records", d.records),
+                    ("status", Value::Str(d.status)),
+                ]));
+                o
+            },
             Some(arn),
         ));
     }
@@ -226,15 +230,32 @@ pub async fn create(
         )
         .with_hint("wait an hour for ACM to forget the old tokens, then deploy again")
     })?;
-    Ok(p.after(
-        ctx,
-        d,
-        out(&[
-            ("arn", Value::str(arn.as_str())),
-            ("validation_records", records),
+    let mut outputs = validation_outputs(&records);
+    outputs.extend(out(&[
+        ("arn", Value::str(arn.as_str())),
+        ("validation_records", records),
+    ]));
+    Ok(p.after(ctx, d, outputs, Some(arn)))
+}
+
+/// `validation_name` and `validation_value`: the certificate's one DNS
+/// validation record (a name and its wildcard share it) as a DNS provider
+/// stores it, lowercase without the trailing dot.
+fn validation_outputs(records: &Value) -> BTreeMap<String, Value> {
+    let field = |r: &Value, k: &str| {
+        r.as_map()
+            .and_then(|m| m.get(k))
+            .and_then(Value::as_str)
+            .map(|s| s.trim_end_matches('.').to_ascii_lowercase())
+    };
+    let first = records.as_list().and_then(|l| l.first());
+    match first.and_then(|r| Some((field(r, "name")?, field(r, "value")?))) {
+        Some((name, value)) => out(&[
+            ("validation_name", Value::Str(name)),
+            ("validation_value", Value::Str(value)),
         ]),
-        Some(arn),
-    ))
+        None => BTreeMap::new(),
+    }
 }
 
 /// The validation records of a certificate just requested, once ACM has

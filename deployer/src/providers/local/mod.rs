@@ -397,6 +397,18 @@ impl LocalProvider {
                     .collect()
             })
             .unwrap_or_default();
+        let mut env = env;
+        // Secrets are read from the stage's secrets file only now, so their
+        // values live in the process's environment and nowhere else.
+        let secret_names = secret_env(&d.props);
+        if !secret_names.is_empty() {
+            let (values, _) = crate::secrets::local_values(
+                &crate::secrets::local_file(&self.stage_dir),
+                &secret_names,
+            )
+            .map_err(|e| hard("start process", format!("{id}: {e:#}")))?;
+            env.extend(values.into_iter().map(|(k, v)| (k, v.expose().to_string())));
+        }
         let health = Health::parse(str_prop(&d.props, "health", id)?)
             .map_err(|e| hard("health check", format!("{id}: {e}")))?;
         let log = self.inside(str_prop(&d.props, "log", id)?, id)?;
@@ -538,6 +550,17 @@ impl Provider for LocalProvider {
             let program = self.program(&r.props, &r.id)?;
             let digest = self.digest(&program)?;
             r.props.insert("program_sha256".into(), Value::str(digest));
+            // A changed secret value restarts the process; the digest is
+            // salted per stage, so it reveals nothing about the values.
+            let secret_names = secret_env(&r.props);
+            if !secret_names.is_empty() {
+                let (_, digest) = crate::secrets::local_values(
+                    &crate::secrets::local_file(&self.stage_dir),
+                    &secret_names,
+                )
+                .map_err(|e| hard("prepare", format!("{}: {e:#}", r.id)))?;
+                r.props.insert("secrets_sha256".into(), Value::str(digest));
+            }
         }
         Ok(())
     }
@@ -751,4 +774,17 @@ impl Provider for LocalProvider {
         }
         Ok(())
     }
+}
+
+/// A process's `secret_env`: environment variable → stage secret name.
+fn secret_env(props: &stack::Props) -> BTreeMap<String, String> {
+    props
+        .get("secret_env")
+        .and_then(Value::as_map)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
 }
