@@ -1,7 +1,9 @@
 //! Test support shared by every crate's tests: free ports, readiness waits,
-//! and guards that stop what a test started. Servers bind 127.0.0.1 only.
+//! guards that stop what a test started, and emulators (the Cloudflare v4
+//! DNS API in [`cloudflare`]). Servers bind 127.0.0.1 only.
 
 pub mod aws_proxy;
+pub mod cloudflare;
 pub mod moto;
 pub mod postgres;
 
