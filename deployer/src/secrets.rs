@@ -126,7 +126,9 @@ impl SecretStore {
     pub async fn set(&self, name: &str, value: &SecretValue) -> anyhow::Result<()> {
         stack::secrets::check_name(name).map_err(anyhow::Error::msg)?;
         if value.expose().is_empty() {
-            bail!("the value of {name} is empty; an unset secret is removed with `boxctl secret rm`");
+            bail!(
+                "the value of {name} is empty; an unset secret is removed with `boxctl secret rm`"
+            );
         }
         match self {
             SecretStore::File(path) => {
@@ -174,10 +176,7 @@ impl SecretStore {
                     .send()
                     .await
                 {
-                    Ok(r) => Ok(r
-                        .parameter()
-                        .and_then(|p| p.value())
-                        .map(SecretValue::new)),
+                    Ok(r) => Ok(r.parameter().and_then(|p| p.value()).map(SecretValue::new)),
                     Err(e)
                         if e.as_service_error()
                             .is_some_and(|e| e.is_parameter_not_found()) =>
@@ -270,9 +269,9 @@ impl SecretStore {
                         }
                         out.push(SecretInfo {
                             name: name.to_string(),
-                            modified: p.last_modified_date().and_then(|d| {
-                                OffsetDateTime::from_unix_timestamp(d.secs()).ok()
-                            }),
+                            modified: p
+                                .last_modified_date()
+                                .and_then(|d| OffsetDateTime::from_unix_timestamp(d.secs()).ok()),
                         });
                     }
                 }
@@ -353,7 +352,13 @@ mod tests {
             .unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let names: Vec<_> = store.list().await.unwrap().into_iter().map(|s| s.name).collect();
+        let names: Vec<_> = store
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
         assert_eq!(names, ["search-key", "sentry-dsn"]);
         assert_eq!(
             store.get("search-key").await.unwrap(),
@@ -364,7 +369,10 @@ mod tests {
         assert!(store.remove("search-key").await.unwrap());
         assert!(!store.remove("search-key").await.unwrap());
         assert_eq!(store.get("search-key").await.unwrap(), None);
-        assert_eq!(format!("{:?}", SecretValue::new("s3cr3t")), "SecretValue(<redacted>)");
+        assert_eq!(
+            format!("{:?}", SecretValue::new("s3cr3t")),
+            "SecretValue(<redacted>)"
+        );
 
         let wanted = BTreeMap::from([("SENTRY_DSN".to_string(), "sentry-dsn".to_string())]);
         let (values, d1) = local_values(&path, &wanted).unwrap();
@@ -378,7 +386,10 @@ mod tests {
         assert_ne!(d1, d2, "a changed value changes the digest");
         let missing = BTreeMap::from([("X".to_string(), "absent".to_string())]);
         let e = local_values(&path, &missing).unwrap_err().to_string();
-        assert!(e.contains("absent") && e.contains("boxctl secret set"), "{e}");
+        assert!(
+            e.contains("absent") && e.contains("boxctl secret set"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

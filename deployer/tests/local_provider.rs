@@ -445,3 +445,95 @@ async fn a_services_children_are_not_copies_of_it_and_stop_with_it() {
         "the worker was left running"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_services_secret_reaches_its_environment_only_and_a_new_value_restarts_it() {
+    use deployer::secrets::{SecretStore, SecretValue, local_file};
+    let s = Stage::new();
+    let store = SecretStore::File(local_file(&s.dir.path().join("stage")));
+    store
+        .set("sentry-dsn", &SecretValue::new("dsn-value-one-5e2c"))
+        .await
+        .unwrap();
+    let with_secret = |g: DesiredGraph| {
+        let mut g = g;
+        let r = g
+            .resources
+            .get_mut(&ResourceId::from("process/web"))
+            .unwrap();
+        r.props.insert(
+            "secret_env".into(),
+            Value::str_map([("SENTRY_DSN", "sentry-dsn")]),
+        );
+        g
+    };
+    let g = with_secret(s.graph("v1\n"));
+    let (pl, report) = s.apply(&g, Mode::Deploy).await;
+    assert_eq!(report.status, ApplyStatus::Succeeded, "{:?}", report.failed);
+    let pid = s.web_pids()[0].pid;
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(
+        environ.contains("SENTRY_DSN=dsn-value-one-5e2c"),
+        "the process has its secret"
+    );
+    // The plan shows the name and a salted digest, never the value.
+    let text = deployer::render::plan_text(
+        &pl,
+        &deployer::render::Style::new(deployer::render::ColorChoice::Never, false),
+    );
+    assert!(
+        text.contains("sentry-dsn") && !text.contains("dsn-value-one"),
+        "{text}"
+    );
+    for f in walk(&s.dir.path().join("stage")) {
+        if f.ends_with("stage-secrets.json") || f.starts_with(s.path("logs")) {
+            continue;
+        }
+        let content = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).into_owned();
+        assert!(
+            !content.contains("dsn-value-one"),
+            "{} holds the value",
+            f.display()
+        );
+    }
+
+    // A new value restarts the process with it.
+    store
+        .set("sentry-dsn", &SecretValue::new("dsn-value-two-7a1b"))
+        .await
+        .unwrap();
+    let mut g2 = g.clone();
+    let (_, pl) = s.plan(&mut g2, Mode::Deploy).await;
+    let change = action_of(&pl, "process/web");
+    assert_eq!(change.action, Action::Update);
+    assert_eq!(change.fields[0].name, "secrets_sha256");
+    let (_, report) = s.apply(&g, Mode::Deploy).await;
+    assert_eq!(report.status, ApplyStatus::Succeeded, "{:?}", report.failed);
+    let pid = s.web_pids()[0].pid;
+    let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())
+        .into_owned();
+    assert!(environ.contains("SENTRY_DSN=dsn-value-two-7a1b"));
+
+    // Removed, the process cannot start without it: a precise error.
+    store.remove("sentry-dsn").await.unwrap();
+    let mut g3 = g.clone();
+    let e = s.provider().prepare(&mut g3).await.unwrap_err();
+    assert!(
+        e.to_string().contains("sentry-dsn") && e.to_string().contains("boxctl secret set"),
+        "{e}"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -47,7 +47,15 @@ mod tests {
     fn names_are_checked() {
         assert!(check_name("sentry-dsn").is_ok());
         assert!(check_name(CLOUDFLARE_API_TOKEN).is_ok());
-        for bad in ["", "Sentry", "a/b", "-x", "x-", "admin-api-key", &"a".repeat(65)] {
+        for bad in [
+            "",
+            "Sentry",
+            "a/b",
+            "-x",
+            "x-",
+            "admin-api-key",
+            &"a".repeat(65),
+        ] {
             assert!(check_name(bad).is_err(), "{bad:?} accepted");
         }
     }

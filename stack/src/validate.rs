@@ -711,10 +711,10 @@ fn services(
             }
         }
         let mut secret_maps = [BTreeMap::new(), BTreeMap::new()];
-        for (slot, (key, decl)) in secret_maps
-            .iter_mut()
-            .zip([("secrets", &l.secrets), ("optional_secrets", &l.optional_secrets)])
-        {
+        for (slot, (key, decl)) in secret_maps.iter_mut().zip([
+            ("secrets", &l.secrets),
+            ("optional_secrets", &l.optional_secrets),
+        ]) {
             let Some(decl) = decl else { continue };
             for (var, secret) in &decl.value {
                 let key = k(&format!("{key}.{var}"));

@@ -428,3 +428,118 @@ fn the_repository_stack_resolves_its_prod_stage() {
             .contains_key(&ResourceId::from("runner/runner-3"))
     );
 }
+
+/// [`STACK`] with Cloudflare DNS on prod and secrets on its docs service.
+fn with_dns_and_secrets() -> stack::Stack {
+    let text = STACK.replacen(
+        "health_path = \"/healthz\"\n",
+        "health_path = \"/healthz\"\nsecrets = { SEARCH_KEY = \"search-key\" }\noptional_secrets = { SENTRY_DSN = \"sentry-dsn\" }\n",
+        1,
+    ) + "\n[stages.prod.dns]\nprovider = \"cloudflare\"\nzone = \"example.com\"\n";
+    stack::load(&text).unwrap().stack
+}
+
+#[test]
+fn cloudflare_dns_publishes_the_public_names_and_each_validation_record() {
+    let g = with_dns_and_secrets().resolve("prod").unwrap();
+    let dns: Vec<&stack::Resource> = g
+        .resources
+        .values()
+        .filter(|r| r.kind == kinds::CLOUDFLARE_DNS_RECORD)
+        .collect();
+    let ids: Vec<&str> = dns.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "dns/acm-api",
+            "dns/acm-proxy",
+            "dns/acm-svc-docs",
+            "dns/api",
+            "dns/proxy",
+            "dns/proxy-wildcard",
+            "dns/ssh",
+            "dns/svc-docs",
+        ]
+    );
+    assert_eq!(s(&g, "dns/ssh", "name"), "ssh.boxlite.example.com");
+    assert_eq!(get(&g, "dns/ssh").props["proxied"], Value::Bool(false));
+    assert_eq!(get(&g, "dns/api").props["proxied"], Value::Bool(true));
+    assert_eq!(
+        get(&g, "dns/ssh").props["content"],
+        Value::reference("lb/ssh", "dns_name")
+    );
+    assert_eq!(
+        get(&g, "dns/acm-proxy").props["name"],
+        Value::reference("cert/proxy", "validation_name")
+    );
+    // A certificate is waited for only once its record is published.
+    assert!(
+        get(&g, "certvalidation/proxy")
+            .deps
+            .contains(&ResourceId::from("dns/acm-proxy"))
+    );
+    for r in &dns {
+        assert_eq!(r.props["zone"], Value::str("example.com"));
+    }
+    // Without [dns] there are no records and validations wait for the operator.
+    let staging = graph("staging");
+    assert!(
+        staging
+            .resources
+            .values()
+            .all(|r| r.kind != kinds::CLOUDFLARE_DNS_RECORD)
+    );
+    assert!(get(&staging, "certvalidation/api").deps.is_empty());
+}
+
+#[test]
+fn services_get_set_secrets_by_reference_and_unset_optional_ones_are_left_out() {
+    let stack = with_dns_and_secrets();
+    let containers = |g: &DesiredGraph| -> serde_json::Value {
+        serde_json::from_str(s(g, "taskdef/docs", "container_definitions")).unwrap()
+    };
+    let none = BTreeSet::new();
+    let e = stack
+        .resolve_with_secrets("prod", &none)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("search-key (service docs, SEARCH_KEY)") && e.contains("boxctl secret set"),
+        "{e}"
+    );
+    let required = BTreeSet::from(["search-key".to_string()]);
+    let g = stack.resolve_with_secrets("prod", &required).unwrap();
+    assert_eq!(
+        containers(&g)[0]["secrets"],
+        serde_json::json!([{"name": "SEARCH_KEY", "valueFrom": "/boxlite/prod/search-key"}])
+    );
+    let both = BTreeSet::from(["search-key".to_string(), "sentry-dsn".to_string()]);
+    let g2 = stack.resolve_with_secrets("prod", &both).unwrap();
+    assert_eq!(containers(&g2)[0]["secrets"].as_array().unwrap().len(), 2);
+    // Turning the optional feature on changes the task definition (a new revision).
+    assert_ne!(
+        s(&g, "taskdef/docs", "content_sha256"),
+        s(&g2, "taskdef/docs", "content_sha256")
+    );
+}
+
+#[test]
+fn secret_declarations_are_checked() {
+    let bad = STACK.replacen(
+        "health_path = \"/healthz\"\n",
+        "health_path = \"/healthz\"\nenv = { TOKEN = \"x\" }\nsecrets = { TOKEN = \"Bad Name\", \"1X\" = \"ok\" }\noptional_secrets = { TOKEN = \"admin-api-key\" }\n",
+        1,
+    );
+    let diags = stack::load(&bad).unwrap_err();
+    let text: Vec<String> = diags.iter().map(|d| d.render("stack.toml")).collect();
+    let all = text.join("\n");
+    for want in [
+        "\"Bad Name\" may hold only lowercase",
+        "\"1X\" is not an environment variable name",
+        "is reserved",
+        "TOKEN is set twice",
+        "TOKEN is both a required and an optional secret",
+    ] {
+        assert!(all.contains(want), "{want} missing:\n{all}");
+    }
+}

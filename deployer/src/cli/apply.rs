@@ -141,6 +141,7 @@ pub async fn diff(
 }
 
 /// `boxctl deploy` and `boxctl destroy`.
+#[allow(clippy::too_many_arguments)]
 pub async fn apply(
     explicit: Option<&Path>,
     endpoint: Option<&str>,

@@ -9,8 +9,8 @@ use stack::{Diagnostic, Severity, Stack, Stage, Target};
 use crate::engine::store::{LocalStore, StateStore};
 use crate::platform::client::{ApiKey, Client};
 use crate::providers::aws::AwsProvider;
-use crate::providers::local::{LocalProvider, STATE_DIR};
 use crate::providers::cloudflare::{self, CloudflareCredentials, CloudflareProvider};
+use crate::providers::local::{LocalProvider, STATE_DIR};
 use crate::render::{ColorChoice, Style};
 use crate::secrets::{SecretStore, SecretValue};
 
@@ -206,7 +206,10 @@ pub async fn dns(
             return Ok::<_, anyhow::Error>(SecretValue::new(v.trim()));
         }
         match target.secrets.get(secret).await.with_context(|| {
-            format!("reading the Cloudflare credentials of stage {:?}", stage.name)
+            format!(
+                "reading the Cloudflare credentials of stage {:?}",
+                stage.name
+            )
         })? {
             Some(v) => Ok(v),
             None => bail!(
@@ -217,8 +220,11 @@ pub async fn dns(
         }
     };
     let token = wanted("CLOUDFLARE_API_TOKEN", stack::secrets::CLOUDFLARE_API_TOKEN).await?;
-    let account =
-        wanted("CLOUDFLARE_ACCOUNT_ID", stack::secrets::CLOUDFLARE_ACCOUNT_ID).await?;
+    let account = wanted(
+        "CLOUDFLARE_ACCOUNT_ID",
+        stack::secrets::CLOUDFLARE_ACCOUNT_ID,
+    )
+    .await?;
     let base = cloudflare::api_url(env(cloudflare::API_URL_ENV).as_deref())?;
     let p = CloudflareProvider::connect(
         &loaded.stack.name,

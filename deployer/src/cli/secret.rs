@@ -135,8 +135,8 @@ fn read_value(name: &str) -> anyhow::Result<SecretValue> {
     let value = if std::io::stdin().is_terminal() {
         let v = rpassword::prompt_password(format!("value of {name}: "))
             .context("reading the value from the terminal")?;
-        let again = rpassword::prompt_password("again: ")
-            .context("reading the value from the terminal")?;
+        let again =
+            rpassword::prompt_password("again: ").context("reading the value from the terminal")?;
         if v != again {
             bail!("the two values differ; nothing was set");
         }
@@ -160,7 +160,9 @@ fn read_value(name: &str) -> anyhow::Result<SecretValue> {
         v
     };
     if value.is_empty() {
-        bail!("the value is empty; pipe it on stdin (printf %s \"$VALUE\" | boxctl secret set {name} --stage S)");
+        bail!(
+            "the value is empty; pipe it on stdin (printf %s \"$VALUE\" | boxctl secret set {name} --stage S)"
+        );
     }
     Ok(SecretValue::new(value))
 }

@@ -351,7 +351,10 @@ impl Provider for CloudflareProvider {
             r.props
                 .insert("comment".into(), Value::str(self.marker(&r.id)));
             if let Some(name) = r.props.get("name").and_then(Value::as_str) {
-                wanted.insert(r.id.clone(), name.trim_end_matches('.').to_ascii_lowercase());
+                wanted.insert(
+                    r.id.clone(),
+                    name.trim_end_matches('.').to_ascii_lowercase(),
+                );
             }
         }
         for id in &self.adopt {
@@ -399,7 +402,9 @@ impl Provider for CloudflareProvider {
                 Some(first) if self.adopt.contains(id) => {
                     inv.add(self.observed(id.clone(), first));
                 }
-                Some(_) => inv.conflicts.push(self.conflict_message(id, name, &holders)),
+                Some(_) => inv
+                    .conflicts
+                    .push(self.conflict_message(id, name, &holders)),
             }
         }
         seen.foreign = foreign;
@@ -411,20 +416,21 @@ impl Provider for CloudflareProvider {
         // Names only known now (validation records) are checked here.
         let holders = self.list(Some(&body.name)).await?;
         let ours = self.marker(&d.id);
-        let existing = holders.iter().find(|r| {
-            r.comment.as_deref() == Some(ours.as_str()) || self.adopt.contains(&d.id)
-        });
+        let existing = holders
+            .iter()
+            .find(|r| r.comment.as_deref() == Some(ours.as_str()) || self.adopt.contains(&d.id));
         let record = match existing {
-            Some(r) => self
-                .client
-                .request(&api::OverwriteRecord {
-                    zone: &self.zone_id,
-                    id: &r.id,
-                    body: &body,
-                })
-                .await
-                .map_err(|e| error("UpdateDnsRecord", &d.id.to_string(), &e))?
-                .result,
+            Some(r) => {
+                self.client
+                    .request(&api::OverwriteRecord {
+                        zone: &self.zone_id,
+                        id: &r.id,
+                        body: &body,
+                    })
+                    .await
+                    .map_err(|e| error("UpdateDnsRecord", &d.id.to_string(), &e))?
+                    .result
+            }
             None if !holders.is_empty() => {
                 let refs: Vec<&Record> = holders.iter().collect();
                 let c = self.conflict_message(&d.id, &body.name, &refs);
@@ -446,8 +452,9 @@ impl Provider for CloudflareProvider {
                         if !holders.is_empty() {
                             let refs: Vec<&Record> = holders.iter().collect();
                             let c = self.conflict_message(&d.id, &body.name, &refs);
-                            return Err(ProviderError::hard("CreateDnsRecord", c.message)
-                                .with_hint(c.hint));
+                            return Err(
+                                ProviderError::hard("CreateDnsRecord", c.message).with_hint(c.hint)
+                            );
                         }
                     }
                     return Err(error("CreateDnsRecord", &d.id.to_string(), &e));
