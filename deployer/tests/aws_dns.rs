@@ -419,3 +419,47 @@ fn a_missing_or_rejected_token_fails_before_anything_changes() {
     assert!(w.cf.requests().iter().all(|r| r.method == "GET"));
     assert!(w.records().is_empty());
 }
+
+#[test]
+fn destroy_removes_the_records_it_owns_and_leaves_the_others() {
+    let w = World::new();
+    let text = format!(
+        "{}\n[stages.staging.dns]\nprovider = \"cloudflare\"\nzone = \"example.com\"\n",
+        STACK
+    );
+    w.env.write_stack(&text);
+    let keep = w.cf.insert_record(
+        &w.zone,
+        json!({"type": "TXT", "name": "example.com", "content": "\"v=spf1 -all\"", "ttl": 3600}),
+    );
+    let creds = |args: &[&str]| {
+        wait(
+            w.boxctl(args)
+                .env("CLOUDFLARE_API_TOKEN", TOKEN)
+                .env("CLOUDFLARE_ACCOUNT_ID", ACCOUNT)
+                .spawn()
+                .unwrap(),
+            std::time::Duration::from_secs(300),
+        )
+    };
+    creds(&["deploy", "--stage", "staging"]).expect(0, "deploy staging");
+    let owned = w
+        .records()
+        .iter()
+        .filter(|r| {
+            r["comment"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("boxctl:boxlite/staging/"))
+        })
+        .count();
+    assert_eq!(
+        owned,
+        4 + 2,
+        "api, proxy, *.proxy, ssh and two validations: {:#?}",
+        w.records()
+    );
+    creds(&["destroy", "--stage", "staging", "--yes"]).expect(0, "destroy staging");
+    let left = w.records();
+    assert_eq!(left.len(), 1, "{left:#?}");
+    assert_eq!(left[0]["id"], keep.as_str());
+}
