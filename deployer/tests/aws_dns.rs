@@ -283,7 +283,7 @@ fn deploy_publishes_owned_records_and_validations_and_reruns_change_nothing() {
             String::from_utf8_lossy(&bytes).into(),
         ));
     }
-    for entry in walk(&w.env.dir.path().join("state")) {
+    for entry in testkit::files_under(&w.env.dir.path().join("state")) {
         written.push((
             entry.display().to_string(),
             String::from_utf8_lossy(&std::fs::read(&entry).unwrap()).into(),
@@ -294,21 +294,6 @@ fn deploy_publishes_owned_records_and_validations_and_reruns_change_nothing() {
             assert!(!text.contains(secret), "{what} contains a secret value");
         }
     }
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 #[test]

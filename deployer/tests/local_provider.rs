@@ -486,7 +486,7 @@ async fn a_services_secret_reaches_its_environment_only_and_a_new_value_restarts
         text.contains("sentry-dsn") && !text.contains("dsn-value-one"),
         "{text}"
     );
-    for f in walk(&s.dir.path().join("stage")) {
+    for f in testkit::files_under(&s.dir.path().join("stage")) {
         if f.ends_with("stage-secrets.json") || f.starts_with(s.path("logs")) {
             continue;
         }
@@ -523,17 +523,4 @@ async fn a_services_secret_reaches_its_environment_only_and_a_new_value_restarts
         e.to_string().contains("sentry-dsn") && e.to_string().contains("boxctl secret set"),
         "{e}"
     );
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }

@@ -387,17 +387,7 @@ impl LocalProvider {
             .iter()
             .filter_map(|v| v.as_str().map(str::to_string))
             .collect();
-        let env: BTreeMap<String, String> = d
-            .props
-            .get("env")
-            .and_then(Value::as_map)
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut env = env;
+        let mut env = str_map(&d.props, "env");
         // Secrets are read from the stage's secrets file only now, so their
         // values live in the process's environment and nowhere else.
         let secret_names = secret_env(&d.props);
@@ -778,8 +768,13 @@ impl Provider for LocalProvider {
 
 /// A process's `secret_env`: environment variable → stage secret name.
 fn secret_env(props: &stack::Props) -> BTreeMap<String, String> {
+    str_map(props, "secret_env")
+}
+
+/// A map property of text values (missing: empty).
+fn str_map(props: &stack::Props, key: &str) -> BTreeMap<String, String> {
     props
-        .get("secret_env")
+        .get(key)
         .and_then(Value::as_map)
         .map(|m| {
             m.iter()
