@@ -310,7 +310,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
         }
         Command::Box(cmd) => boxes::run(cli.stack.as_deref(), cmd, color).await,
-        Command::Runner(cmd) => runner::run(cli.stack.as_deref(), cmd, color).await,
+        Command::Runner(cmd) => runner::run(cli.stack.as_deref(), endpoint, cmd, color).await,
         Command::Decommission(a) => decommission::run(cli.stack.as_deref(), a, color).await,
         Command::Status(a) => {
             status::status(
