@@ -179,7 +179,8 @@ impl Upgrader for SsmUpgrader<'_> {
             EXECUTION_TIMEOUT_SECS + u64::try_from(DELIVERY_TIMEOUT_SECS).unwrap_or(120) + 60,
         );
         let look = format!(
-            "`aws ssm get-command-invocation --command-id {command_id} --instance-id {instance}`"
+            "`aws ssm get-command-invocation --region {} --command-id {command_id} --instance-id {instance}`",
+            p.region()
         );
         let mut interval = self.poll;
         loop {
