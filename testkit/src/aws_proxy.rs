@@ -62,6 +62,7 @@ struct Inner {
     killed: Mutex<Option<u64>>,
     actions: Mutex<BTreeMap<String, u64>>,
     calls: Mutex<Vec<Call>>,
+    canned: Mutex<Vec<Canned>>,
     upstream_time: Mutex<BTreeMap<String, Duration>>,
     open: watch::Sender<bool>,
 }
@@ -93,6 +94,15 @@ impl Call {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
     }
+}
+
+/// An answer given instead of the emulator's to the next calls of one action.
+#[derive(Clone, Debug)]
+struct Canned {
+    action: String,
+    times: u32,
+    status: u16,
+    body: String,
 }
 
 /// A running proxy; stopped when dropped.
@@ -332,6 +342,22 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             String::from_utf8_lossy(&body).into_owned()
         },
     });
+    {
+        let mut canned = inner.canned.lock().expect("canned mutex");
+        if let Some(c) = canned
+            .iter_mut()
+            .find(|c| c.action == action && c.times > 0)
+        {
+            c.times -= 1;
+            let mut r = Response::new(Body::from(c.body.clone()));
+            *r.status_mut() = StatusCode::from_u16(c.status).expect("valid status");
+            r.headers_mut().insert(
+                "content-type",
+                HeaderValue::from_static("application/x-amz-json-1.1"),
+            );
+            return r;
+        }
+    }
     let mutating = is_mutating(&method, protocol, &action);
     let m = if mutating {
         inner.mutating.fetch_add(1, Ordering::SeqCst) + 1
@@ -386,6 +412,7 @@ impl AwsProxy {
             killed: Mutex::new(None),
             actions: Mutex::new(BTreeMap::new()),
             calls: Mutex::new(Vec::new()),
+            canned: Mutex::new(Vec::new()),
             upstream_time: Mutex::new(BTreeMap::new()),
             open,
         });
@@ -483,6 +510,23 @@ impl AwsProxy {
     /// Calls per API action since the last reset.
     pub fn actions(&self) -> BTreeMap<String, u64> {
         self.inner.actions.lock().expect("actions mutex").clone()
+    }
+
+    /// Answer the next `times` calls of a JSON-protocol `action` (SSM, ECS, …)
+    /// with `status` and `body` instead of forwarding them: what the emulator
+    /// cannot produce (an SSM command that failed on its host, an invocation
+    /// not visible yet). The calls are still logged.
+    pub fn answer_next(&self, action: &str, times: u32, status: u16, body: &str) {
+        self.inner
+            .canned
+            .lock()
+            .expect("canned mutex")
+            .push(Canned {
+                action: action.to_string(),
+                times,
+                status,
+                body: body.to_string(),
+            });
     }
 
     /// Every call since the last reset, in the order they arrived.
