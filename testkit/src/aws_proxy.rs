@@ -4,7 +4,9 @@
 //! protocol's own shape, can hold every call (to keep a deploy holding its
 //! lock), and can SIGKILL a process at the exact moment its N-th changing
 //! call reaches AWS (before it is forwarded, or after AWS acted on it but
-//! before the answer is returned).
+//! before the answer is returned). It keeps a log of the calls, in order
+//! ([`AwsProxy::calls`]: action, path and, except for S3, the request body),
+//! so tests can check which calls were made with which parameters.
 //!
 //! It also corrects one conformance bug of moto 5.2.5 that the AWS SDK for
 //! Rust (rightly) refuses: moto answers GetBucketVersioning with a
@@ -59,8 +61,48 @@ struct Inner {
     kill: Mutex<Option<KillAt>>,
     killed: Mutex<Option<u64>>,
     actions: Mutex<BTreeMap<String, u64>>,
+    calls: Mutex<Vec<Call>>,
+    canned: Mutex<Vec<Canned>>,
     upstream_time: Mutex<BTreeMap<String, Duration>>,
     open: watch::Sender<bool>,
+}
+
+/// One call that reached the proxy, as it was sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Call {
+    /// The API action (`SendCommand`, `TerminateInstances`, `S3 PUT Object`).
+    pub action: String,
+    /// HTTP method.
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    /// The request body as text (form or JSON); empty for S3, whose bodies
+    /// are objects.
+    pub body: String,
+}
+
+impl Call {
+    /// A form parameter of a Query or EC2 call (`DisableApiTermination.Value`), decoded.
+    pub fn form(&self, key: &str) -> Option<String> {
+        let url = reqwest::Url::parse(&format!("http://form/?{}", self.body)).ok()?;
+        url.query_pairs()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.into_owned())
+    }
+
+    /// The JSON body of a JSON-protocol call (SSM, ECS, …).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// An answer given instead of the emulator's to the next calls of one action.
+#[derive(Clone, Debug)]
+struct Canned {
+    action: String,
+    times: u32,
+    status: u16,
+    body: String,
 }
 
 /// A running proxy; stopped when dropped.
@@ -290,6 +332,32 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         .expect("actions mutex")
         .entry(action.clone())
         .or_insert(0) += 1;
+    inner.calls.lock().expect("calls mutex").push(Call {
+        action: action.clone(),
+        method: method.clone(),
+        uri: uri.clone(),
+        body: if protocol == Protocol::S3 {
+            String::new()
+        } else {
+            String::from_utf8_lossy(&body).into_owned()
+        },
+    });
+    {
+        let mut canned = inner.canned.lock().expect("canned mutex");
+        if let Some(c) = canned
+            .iter_mut()
+            .find(|c| c.action == action && c.times > 0)
+        {
+            c.times -= 1;
+            let mut r = Response::new(Body::from(c.body.clone()));
+            *r.status_mut() = StatusCode::from_u16(c.status).expect("valid status");
+            r.headers_mut().insert(
+                "content-type",
+                HeaderValue::from_static("application/x-amz-json-1.1"),
+            );
+            return r;
+        }
+    }
     let mutating = is_mutating(&method, protocol, &action);
     let m = if mutating {
         inner.mutating.fetch_add(1, Ordering::SeqCst) + 1
@@ -343,6 +411,8 @@ impl AwsProxy {
             kill: Mutex::new(None),
             killed: Mutex::new(None),
             actions: Mutex::new(BTreeMap::new()),
+            calls: Mutex::new(Vec::new()),
+            canned: Mutex::new(Vec::new()),
             upstream_time: Mutex::new(BTreeMap::new()),
             open,
         });
@@ -442,6 +512,28 @@ impl AwsProxy {
         self.inner.actions.lock().expect("actions mutex").clone()
     }
 
+    /// Answer the next `times` calls of a JSON-protocol `action` (SSM, ECS, …)
+    /// with `status` and `body` instead of forwarding them: what the emulator
+    /// cannot produce (an SSM command that failed on its host, an invocation
+    /// not visible yet). The calls are still logged.
+    pub fn answer_next(&self, action: &str, times: u32, status: u16, body: &str) {
+        self.inner
+            .canned
+            .lock()
+            .expect("canned mutex")
+            .push(Canned {
+                action: action.to_string(),
+                times,
+                status,
+                body: body.to_string(),
+            });
+    }
+
+    /// Every call since the last reset, in the order they arrived.
+    pub fn calls(&self) -> Vec<Call> {
+        self.inner.calls.lock().expect("calls mutex").clone()
+    }
+
     /// Time the emulator took to answer, per API action, since the last reset.
     pub fn upstream_time(&self) -> BTreeMap<String, Duration> {
         self.inner.upstream_time.lock().expect("time mutex").clone()
@@ -453,6 +545,7 @@ impl AwsProxy {
         self.inner.mutating.store(0, Ordering::SeqCst);
         self.inner.faulted.store(0, Ordering::SeqCst);
         self.inner.actions.lock().expect("actions mutex").clear();
+        self.inner.calls.lock().expect("calls mutex").clear();
         self.inner.upstream_time.lock().expect("time mutex").clear();
     }
 }

@@ -1,5 +1,9 @@
 //! `boxctl decommission RUNNER`: drain, empty (wait or migrate), then retire
-//! one runner: one guarded command, journaled like a deploy.
+//! one runner: one guarded command, journaled like a deploy. The control-plane
+//! part is the same on every target; retiring deletes the runner's resources
+//! through the stage's provider (on aws: its protected EC2 instance, whose
+//! termination protection is lifted for this one deliberate command, and its
+//! token parameter).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, IsTerminal, Write};
@@ -22,6 +26,31 @@ use crate::engine::plan::{Action, Change, Mode, Plan, Summary};
 use crate::engine::provider::Provider;
 use crate::platform::client::Client;
 use crate::render::{ColorChoice, ProgressPrinter, Style, human_duration};
+
+/// What `boxctl decommission --help` says after the options.
+pub const HELP: &str = "\
+Steps: mark the runner draining in the control plane (no new boxes); wait for
+its boxes to go (--wait) or move them (--migrate), and refuse, listing them, if
+any remain; ask (or --yes); then retire it and deregister it from the control
+plane. The operation is journaled like a deploy (`boxctl status`).
+
+On local, retiring stops the runner process and removes its registration,
+token, configuration and state directory.
+
+On aws, retiring lifts the instance's termination protection
+(ModifyInstanceAttribute DisableApiTermination=false), terminates it
+(TerminateInstances), waits until it is terminated (up to 15 minutes), and
+deletes its token parameter (/boxlite/<stage>/runner-tokens/<runner>). The
+control plane is https://api.<domain> (or BOXLITE_API_URL) and needs an admin
+key in BOXLITE_API_KEY; without it nothing is touched.
+
+A runner still declared in stack.toml comes back fresh (new instance, new
+token) on the next deploy; to scale down, lower `runners` and decommission the
+runners above the new count.
+
+Examples:
+  boxctl decommission runner-3 --stage prod --migrate
+  boxctl decommission runner-2 --stage prod --wait 30m --yes";
 
 /// `boxctl decommission`.
 #[derive(Debug, Args)]
@@ -119,14 +148,22 @@ async fn migrate(
     Ok(())
 }
 
-fn confirm(style: &Style, runner: &str, stage: &str) -> anyhow::Result<()> {
-    if !std::io::stdin().is_terminal() {
-        bail!(
-            "decommissioning {runner} stops it and removes its state; rerun with --yes to confirm"
-        );
+/// What retiring does to the runner, for the confirmation.
+fn consequence(target: Target) -> &'static str {
+    match target {
+        Target::Local => "stops it and removes its state",
+        Target::Aws => "terminates its EC2 instance and deletes its token",
     }
+}
+
+fn confirm(style: &Style, runner: &str, stage: &stack::Stage) -> anyhow::Result<()> {
+    let what = consequence(stage.target);
+    if !std::io::stdin().is_terminal() {
+        bail!("decommissioning {runner} {what}; rerun with --yes to confirm");
+    }
+    let stage = &stage.name;
     eprint!(
-        "{} this stops {runner} of stage {stage} and removes its state. Type {} to continue: ",
+        "{} this {what} ({runner} of stage {stage}). Type {} to continue: ",
         style.danger("warning:"),
         style.bold(runner)
     );
@@ -139,20 +176,21 @@ fn confirm(style: &Style, runner: &str, stage: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Run `boxctl decommission`.
+/// Run `boxctl decommission`; `endpoint` points the AWS clients at an emulator.
 pub async fn run(
     explicit: Option<&Path>,
+    endpoint: Option<&str>,
     a: DecommissionArgs,
     color: ColorChoice,
 ) -> anyhow::Result<ExitCode> {
     let loaded = context::load(explicit, color)?;
     let stage = loaded.stack.stage(&a.stage.stage)?.clone();
     let style = Style::stderr(color);
-    if stage.target != Target::Local {
-        bail!("decommissioning an aws runner is not in this build yet");
-    }
-    let client = context::control_plane(&loaded, &stage)?;
-    let target = context::target(&loaded, &stage, None).await?;
+    // The control plane drains and empties the runner first: without access
+    // to it nothing is touched.
+    let client = context::control_plane(&loaded, &stage)
+        .map_err(|e| anyhow::anyhow!("{e:#}; nothing was changed"))?;
+    let target = context::target(&loaded, &stage, endpoint).await?;
     let command = format!("boxctl decommission {} --stage {}", a.runner, stage.name);
     let holder = Holder::current(&command);
     let lock = Arc::new(
@@ -172,10 +210,28 @@ pub async fn run(
     );
     let stop = tokio_util::sync::CancellationToken::new();
     let renewal = lock.keep_alive(stop.clone(), tokio_util::sync::CancellationToken::new());
-    let result = locked(
-        &loaded, &stage, &a, &client, &target, &command, holder, &style,
-    )
-    .await;
+    let result = match &target.providers {
+        Providers::Local(p) => {
+            locked(
+                p, &loaded, &stage, &a, &client, &target, &command, holder, &style,
+            )
+            .await
+        }
+        Providers::Aws(p) => {
+            locked(
+                p.as_ref(),
+                &loaded,
+                &stage,
+                &a,
+                &client,
+                &target,
+                &command,
+                holder,
+                &style,
+            )
+            .await
+        }
+    };
     stop.cancel();
     let _ = renewal.await;
     lock.release().await?;
@@ -183,7 +239,8 @@ pub async fn run(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn locked(
+async fn locked<P: Provider>(
+    provider: &P,
     loaded: &Loaded,
     stage: &stack::Stage,
     a: &DecommissionArgs,
@@ -194,9 +251,6 @@ async fn locked(
     style: &Style,
 ) -> anyhow::Result<ExitCode> {
     let name = a.runner.as_str();
-    let Providers::Local(provider) = &target.providers else {
-        bail!("decommissioning an aws runner is not in this build yet");
-    };
     let inventory = provider.observe().await.context("observing the stage")?;
     let prefix_ids: BTreeSet<ResourceId> = [
         format!("runner/{name}"),
@@ -274,12 +328,13 @@ async fn locked(
         );
     }
     if !a.yes {
-        confirm(style, name, &stage.name)?;
+        confirm(style, name, stage)?;
     }
 
-    // 3. Retire: its process (after purging boxes), registration, token and
-    // configuration, journaled like any apply. Protection is lifted for this
-    // one deliberate command.
+    // 3. Retire, journaled like any apply: on local its process (after
+    // purging boxes), registration, token and configuration; on aws its
+    // instance (termination protection lifted, terminated, waited for) and
+    // token parameter. Protection is lifted for this one deliberate command.
     let changes: Vec<Change> = mine
         .iter()
         .map(|o| Change {
@@ -344,10 +399,12 @@ async fn locked(
             .collect();
         bail!("retiring {name} failed: {}", why.join("; "));
     }
-    let state_dir = provider.stage_dir().join("data/runners").join(name);
-    if state_dir.exists() {
-        std::fs::remove_dir_all(&state_dir)
-            .with_context(|| format!("removing {}", state_dir.display()))?;
+    if let Providers::Local(local) = &target.providers {
+        let state_dir = local.stage_dir().join("data/runners").join(name);
+        if state_dir.exists() {
+            std::fs::remove_dir_all(&state_dir)
+                .with_context(|| format!("removing {}", state_dir.display()))?;
+        }
     }
     // 4. Deregistered, even if its registration record was gone.
     match client.decommission(name, false).await {

@@ -91,7 +91,9 @@ enum Command {
     #[command(subcommand)]
     Secret(secret::SecretCommand),
     /// Retire one runner: drain it, empty it (--migrate or --wait), then stop
-    /// and remove it and deregister it.
+    /// and remove it (on aws: lift termination protection and terminate its
+    /// instance) and deregister it.
+    #[command(after_help = decommission::HELP)]
     Decommission(decommission::DecommissionArgs),
 }
 
@@ -325,9 +327,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
         }
         Command::Box(cmd) => boxes::run(cli.stack.as_deref(), cmd, color).await,
-        Command::Runner(cmd) => runner::run(cli.stack.as_deref(), cmd, color).await,
+        Command::Runner(cmd) => runner::run(cli.stack.as_deref(), endpoint, cmd, color).await,
         Command::Secret(cmd) => secret::run(cli.stack.as_deref(), endpoint, cmd, color).await,
-        Command::Decommission(a) => decommission::run(cli.stack.as_deref(), a, color).await,
+        Command::Decommission(a) => {
+            decommission::run(cli.stack.as_deref(), endpoint, a, color).await
+        }
         Command::Status(a) => {
             status::status(
                 cli.stack.as_deref(),

@@ -3,4 +3,5 @@
 pub mod artifact;
 pub mod client;
 pub mod rollout;
+pub mod ssm_upgrade;
 pub mod verify;

@@ -161,10 +161,20 @@ async fn one<U: Upgrader>(
         }
         Ok(_) => {}
     }
-    if let Err(f) = upgrader.upgrade(name).await {
-        return Outcome::Failed(f);
-    }
-    // The runner says it is healthy on the new binary; the control plane must agree.
+    let said = match upgrader.upgrade(name).await {
+        Ok(out) => out,
+        Err(f) => return Outcome::Failed(f),
+    };
+    // What the runner's own upgrade printed, for a confirm that fails.
+    let said = if said.trim().is_empty() {
+        String::new()
+    } else {
+        format!("\nits upgrade reported success:\n{}", said.trim_end())
+    };
+    // The runner says it is healthy on the new binary; the control plane must
+    // agree within `timeout` of that (delivering the command, as over SSM,
+    // does not eat into it).
+    let upgraded = Instant::now();
     loop {
         match client.runner(name).await {
             Ok(r)
@@ -175,11 +185,11 @@ async fn one<U: Upgrader>(
                     took_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
                 };
             }
-            Ok(r) if t0.elapsed() >= timeout => {
+            Ok(r) if upgraded.elapsed() >= timeout => {
                 return fail(
                     "confirm",
                     format!(
-                        "the control plane sees {name} {:?} with binary {} after {}s, not {}",
+                        "the control plane sees {name} {:?} with binary {} after {}s, not {}{said}",
                         r.state,
                         r.binary_sha256
                             .as_deref()
@@ -189,7 +199,9 @@ async fn one<U: Upgrader>(
                     ),
                 );
             }
-            Err(e) if t0.elapsed() >= timeout => return fail("confirm", e.to_string()),
+            Err(e) if upgraded.elapsed() >= timeout => {
+                return fail("confirm", format!("{e}{said}"));
+            }
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }

@@ -12,6 +12,7 @@
 //! API has them.
 
 pub mod acm;
+pub mod artifacts;
 pub mod client;
 pub mod ec2;
 pub mod ecs;
