@@ -17,6 +17,7 @@
 //! directory. Secrets (the admin key, a database password) never appear in
 //! `Debug` output or logs.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -88,6 +89,9 @@ pub struct Config {
     pub oidc: Option<OidcConfig>,
     /// Log format.
     pub log_format: LogFormat,
+    /// Runners registered at start: name → SHA-256 (hex) of its token
+    /// (`BOXLITE_RUNNER_TOKEN_HASHES`, a JSON object; set by boxctl on aws).
+    pub declared_runners: BTreeMap<String, String>,
 }
 
 /// Default listen address.
@@ -120,6 +124,25 @@ struct FileOidc {
     audience: Option<String>,
 }
 
+/// `{"runner-1": "<sha256 hex>", …}`: names and token hashes, checked.
+fn parse_declared_runners(text: &str) -> Result<BTreeMap<String, String>> {
+    let map: BTreeMap<String, String> = serde_json::from_str(text).map_err(|e| {
+        anyhow!("BOXLITE_RUNNER_TOKEN_HASHES: expected a JSON object of runner name to token SHA-256: {e}")
+    })?;
+    for (name, hash) in &map {
+        if crate::runners::validate_runner_name(name).is_err() {
+            bail!("BOXLITE_RUNNER_TOKEN_HASHES: {name:?} is not a runner name");
+        }
+        if !crate::tokens::is_sha256_hex(hash) {
+            bail!("BOXLITE_RUNNER_TOKEN_HASHES: the token hash of {name} is not 64 hex characters");
+        }
+    }
+    Ok(map
+        .into_iter()
+        .map(|(n, h)| (n, h.to_ascii_lowercase()))
+        .collect())
+}
+
 impl Config {
     /// Defaults for everything but the database and the admin key (used by tests and tools).
     pub fn new(database_url: impl Into<String>, admin_key: impl Into<String>) -> Self {
@@ -134,6 +157,7 @@ impl Config {
             runner_healthcheck_interval: default_interval(DEFAULT_UNRESPONSIVE_AFTER_SECS),
             oidc: None,
             log_format: LogFormat::Text,
+            declared_runners: BTreeMap::new(),
         }
     }
 
@@ -274,7 +298,13 @@ impl Config {
             _ => bail!("oidc: set both issuer and audience, or neither"),
         };
 
+        let declared_runners = match env("BOXLITE_RUNNER_TOKEN_HASHES") {
+            None => BTreeMap::new(),
+            Some(text) => parse_declared_runners(&text)?,
+        };
+
         Ok(Config {
+            declared_runners,
             listen,
             public_url,
             database_url: Secret::new(database_url),
@@ -471,5 +501,22 @@ mod tests {
         )
         .unwrap_err();
         assert!(format!("{e:#}").contains("/nonexistent/k"), "{e:#}");
+    }
+
+    #[test]
+    fn declared_runners_are_checked() {
+        let h = "a".repeat(64);
+        let ok =
+            parse_declared_runners(&format!(r#"{{"runner-1":"{}"}}"#, h.to_uppercase())).unwrap();
+        assert_eq!(ok["runner-1"], h);
+        assert!(parse_declared_runners("{}").unwrap().is_empty());
+        for bad in [
+            "not json".to_string(),
+            r#"["runner-1"]"#.to_string(),
+            format!(r#"{{"bad name!":"{h}"}}"#),
+            r#"{"runner-1":"abc"}"#.to_string(),
+        ] {
+            assert!(parse_declared_runners(&bad).is_err(), "{bad} accepted");
+        }
     }
 }

@@ -60,6 +60,7 @@ impl Server {
             shutdown: CancellationToken::new(),
             openapi: Bytes::from(doc),
         });
+        register_declared(&state).await?;
         Ok(Server { state })
     }
 
@@ -126,4 +127,26 @@ pub async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
+}
+
+/// Register the runners the deployment declares (their token hashes from the
+/// configuration). A runner registered with another token is left as it is
+/// and reported: decommissioning it lets it come back with the new one.
+async fn register_declared(state: &AppState) -> anyhow::Result<()> {
+    for (name, hash) in &state.config.declared_runners {
+        let req = protocol::runners::RegisterRunnerRequest {
+            name: name.clone(),
+            token_sha256: Some(hash.clone()),
+        };
+        match crate::runners::register(state, &req).await {
+            Ok(r) if r.created => tracing::info!(runner = %name, "registered declared runner"),
+            Ok(_) => {}
+            Err(e) if e.status == axum::http::StatusCode::CONFLICT => tracing::warn!(
+                runner = %name,
+                "declared runner is registered with another token; decommission it to register the new one: {e}"
+            ),
+            Err(e) => anyhow::bail!("registering declared runner {name}: {e}"),
+        }
+    }
+    Ok(())
 }

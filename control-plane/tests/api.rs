@@ -18,6 +18,7 @@ both_backends!(
     health_is_public_and_reports_the_database,
     served_openapi_matches_the_checked_in_document,
     admin_key_is_seeded_once_and_new_keys_are_added,
+    declared_runners_are_registered_at_start,
     runner_registration_rules,
     healthcheck_converges_runner_on_desired_state,
     listing_filters_and_paginates,
@@ -1820,4 +1821,62 @@ async fn shutdown_finishes_requests_and_closes_sessions(b: Backend) {
             .await
             .is_err()
     );
+}
+
+async fn declared_runners_are_registered_at_start(b: Backend) {
+    use control_plane::tokens::sha256_hex;
+    let hash = |t: &str| sha256_hex(t);
+    let declared = std::collections::BTreeMap::from([
+        ("runner-1".to_string(), hash("bxr_token-one")),
+        ("runner-2".to_string(), hash("bxr_token-two")),
+    ]);
+    let d = declared.clone();
+    let mut first = TestApp::start_with(b, move |c| c.declared_runners = d).await;
+    let stored = |app: &TestApp| {
+        let pool = app.state.db.pool().clone();
+        async move {
+            let rows = sqlx::query("SELECT name, token_sha256 FROM runners ORDER BY name")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            rows.iter()
+                .map(|r| {
+                    (
+                        r.try_get::<String, _>("name").unwrap(),
+                        r.try_get::<String, _>("token_sha256").unwrap(),
+                    )
+                })
+                .collect::<std::collections::BTreeMap<_, _>>()
+        }
+    };
+    assert_eq!(stored(&first).await, declared);
+    let (s, v) = first.admin(Method::GET, "/api/admin/runners", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v.as_array().map(Vec::len), Some(2), "{v}");
+    first.stop().await;
+    let dir = first.take_dir();
+
+    // Restarted with runner-2's hash changed behind its back: the start
+    // succeeds, runner-2 keeps its registered token, runner-3 is added.
+    let mut changed = declared.clone();
+    changed.insert("runner-2".into(), hash("bxr_other"));
+    changed.insert("runner-3".into(), hash("bxr_token-three"));
+    let mut cfg = control_plane::Config::new(first.database_url.clone(), first.admin_key.clone());
+    cfg.declared_runners = changed;
+    let server = control_plane::Server::new(cfg, first.clock.clone())
+        .await
+        .unwrap();
+    let second = TestApp::serve(
+        server,
+        b,
+        first.database_url.clone(),
+        first.admin_key.clone(),
+        first.clock.clone(),
+        dir,
+    )
+    .await;
+    let now = stored(&second).await;
+    assert_eq!(now["runner-2"], hash("bxr_token-two"));
+    assert_eq!(now["runner-3"], hash("bxr_token-three"));
+    assert_eq!(now.len(), 3);
 }

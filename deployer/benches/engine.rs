@@ -20,12 +20,14 @@ const KINDS: &[KindSpec] = &[
         replace_on: &["cidr"],
         order: 10,
         create_before_delete: false,
+        volatile_outputs: &[],
     },
     KindSpec {
         kind: "bench.host",
         replace_on: &["zone"],
         order: 20,
         create_before_delete: false,
+        volatile_outputs: &[],
     },
 ];
 

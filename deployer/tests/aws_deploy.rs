@@ -3,6 +3,8 @@
 //! runner policies (ignored drift, protection, refused scale-down), secrets
 //! kept out of every output, operator errors, and destroy.
 
+use std::collections::BTreeMap;
+
 mod aws_support;
 
 use aws_support::{Env, STACK, expected, runner_instances, secret_values};
@@ -36,6 +38,52 @@ fn a_prod_stage_deploys_from_empty_and_reruns_change_nothing() {
     }
     // Exactly what the graph declares exists in the world, nothing twice.
     assert_eq!(env.inventory(), expected("prod"));
+    // The control plane's runner registry holds each token's hash, never a
+    // token, and the API reads it at start.
+    let c = env.clients();
+    let rt = env.rt();
+    let registry = rt
+        .block_on(
+            c.ssm
+                .get_parameter()
+                .name("/boxlite/prod/config/runner-token-hashes")
+                .send(),
+        )
+        .unwrap();
+    let registry: BTreeMap<String, String> =
+        serde_json::from_str(registry.parameter().unwrap().value().unwrap()).unwrap();
+    assert_eq!(registry.len(), 3, "{registry:?}");
+    for (name, hash) in &registry {
+        let token = rt
+            .block_on(
+                c.ssm
+                    .get_parameter()
+                    .name(format!("/boxlite/prod/runner-tokens/{name}"))
+                    .with_decryption(true)
+                    .send(),
+            )
+            .unwrap();
+        let token = token.parameter().unwrap().value().unwrap().to_string();
+        assert_eq!(hash, &stack::sha256_hex(&token), "{name}");
+        assert!(!registry.values().any(|h| h == &token));
+    }
+    let api = rt
+        .block_on(
+            c.ecs
+                .describe_task_definition()
+                .task_definition("boxlite-prod-api")
+                .send(),
+        )
+        .unwrap();
+    let secrets: Vec<&str> = api.task_definition().unwrap().container_definitions()[0]
+        .secrets()
+        .iter()
+        .map(|s| s.name())
+        .collect();
+    assert!(
+        secrets.contains(&"BOXLITE_RUNNER_TOKEN_HASHES"),
+        "{secrets:?}"
+    );
 
     let diff = env
         .run(&["diff", "--stage", "prod", "--exit-code"])
@@ -456,4 +504,50 @@ fn a_new_image_registers_one_revision_and_rolls_the_services_onto_it() {
         "{}",
         td("docs")
     );
+}
+
+#[test]
+fn a_new_runner_token_reaches_the_control_plane_by_restarting_the_api() {
+    let env = Env::new();
+    env.run(&["deploy", "--stage", "prod"]).expect(0, "deploy");
+    // A token gone (as decommission leaves it): the next deploy mints a new
+    // one, rewrites the registry and restarts the API tasks to read it.
+    let c = env.clients();
+    let rt = env.rt();
+    rt.block_on(
+        c.ssm
+            .delete_parameter()
+            .name("/boxlite/prod/runner-tokens/runner-3")
+            .send(),
+    )
+    .unwrap();
+    let before = rt
+        .block_on(
+            c.ssm
+                .get_parameter()
+                .name("/boxlite/prod/config/runner-token-hashes")
+                .send(),
+        )
+        .unwrap();
+    let before = before.parameter().unwrap().value().unwrap().to_string();
+    env.proxy.reset_counts();
+    let run = env
+        .run(&["deploy", "--stage", "prod"])
+        .expect(0, "deploy with a new token");
+    assert!(run.stdout.contains("param/runner-token-hashes"), "{}", run.stdout);
+    assert!(run.stdout.contains("service/api"), "{}", run.stdout);
+    let actions = env.proxy.actions();
+    assert_eq!(actions.get("UpdateService"), Some(&1), "{actions:?}");
+    assert_eq!(actions.get("TagResource"), Some(&1), "{actions:?}");
+    let after = rt
+        .block_on(
+            c.ssm
+                .get_parameter()
+                .name("/boxlite/prod/config/runner-token-hashes")
+                .send(),
+        )
+        .unwrap();
+    assert_ne!(after.parameter().unwrap().value().unwrap(), before);
+    env.run(&["diff", "--stage", "prod", "--exit-code"])
+        .expect(0, "converged");
 }

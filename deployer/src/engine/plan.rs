@@ -180,7 +180,7 @@ pub fn plan(graph: &DesiredGraph, inventory: &Inventory, kinds: &[KindSpec], mod
     let stage = graph.stage.as_str();
 
     // Resources that will be (re)created: references to them are unknown until apply.
-    let mut fresh: BTreeSet<ResourceId> = BTreeSet::new();
+    let mut fresh = Unknown::default();
     let order = graph
         .topological_order()
         .unwrap_or_else(|_| graph.resources.keys().collect());
@@ -196,7 +196,7 @@ pub fn plan(graph: &DesiredGraph, inventory: &Inventory, kinds: &[KindSpec], mod
         for id in order {
             let desired = &graph.resources[id];
             let Some(observed) = inventory.resources.get(id) else {
-                fresh.insert(id.clone());
+                fresh.ids.insert(id.clone());
                 changes.push(Change {
                     id: id.clone(),
                     kind: desired.kind.clone(),
@@ -259,8 +259,15 @@ pub fn plan(graph: &DesiredGraph, inventory: &Inventory, kinds: &[KindSpec], mod
             } else {
                 Action::Unchanged
             };
+            if action == Action::Update
+                && let Some(s) = spec(&desired.kind)
+            {
+                for o in s.volatile_outputs {
+                    fresh.outputs.insert((id.clone(), (*o).to_string()));
+                }
+            }
             if action == Action::Replace {
-                fresh.insert(id.clone());
+                fresh.ids.insert(id.clone());
                 if desired.policy.protect || observed.policy.protect {
                     let why: Vec<&str> = acted
                         .iter()
@@ -418,14 +425,24 @@ fn merged_policy(desired: Option<&Policy>, observed: &Policy) -> Policy {
 
 /// Replace references whose target exists and is not being recreated by their
 /// current output; report whether any stays unknown until apply.
+/// What the plan cannot know until apply: every output of resources being
+/// (re)created, and the volatile outputs of resources being updated.
+#[derive(Default)]
+struct Unknown {
+    ids: BTreeSet<ResourceId>,
+    outputs: BTreeSet<(ResourceId, String)>,
+}
+
 fn resolve_for_plan(
     v: &Value,
-    fresh: &BTreeSet<ResourceId>,
+    fresh: &Unknown,
     outputs: &impl Fn(&stack::Ref) -> Option<Value>,
 ) -> (Value, bool) {
     match v {
         Value::Ref(r) => {
-            if fresh.contains(&r.id) {
+            if fresh.ids.contains(&r.id)
+                || fresh.outputs.contains(&(r.id.clone(), r.output.clone()))
+            {
                 return (v.clone(), true);
             }
             match outputs(r) {

@@ -19,6 +19,9 @@ pub struct KindSpec {
     pub order: u32,
     /// Replacement creates the new resource before deleting the old one.
     pub create_before_delete: bool,
+    /// Outputs an in-place update changes (a digest of a value): what
+    /// references them is planned as changing too.
+    pub volatile_outputs: &'static [&'static str],
 }
 
 /// A resource as found in the world.

@@ -56,18 +56,21 @@ const KINDS: &[KindSpec] = &[
         replace_on: &["cidr"],
         order: 10,
         create_before_delete: false,
+        volatile_outputs: &[],
     },
     KindSpec {
         kind: "mem.host",
         replace_on: &["zone"],
         order: 20,
         create_before_delete: false,
+        volatile_outputs: &[],
     },
     KindSpec {
         kind: "mem.app",
         replace_on: &[],
         order: 30,
         create_before_delete: true,
+        volatile_outputs: &[],
     },
 ];
 
@@ -850,4 +853,58 @@ async fn steps_that_can_never_run_fail_the_apply_instead_of_passing_as_done() {
         report.failed
     );
     assert!(world.things.lock().unwrap().is_empty());
+}
+
+#[test]
+fn what_references_a_volatile_output_of_an_update_changes_with_it() {
+    const VOLATILE: &[KindSpec] = &[
+        KindSpec {
+            kind: "mem.param",
+            replace_on: &[],
+            order: 10,
+            create_before_delete: false,
+            volatile_outputs: &["digest"],
+        },
+        KindSpec {
+            kind: "mem.service",
+            replace_on: &[],
+            order: 20,
+            create_before_delete: false,
+            volatile_outputs: &[],
+        },
+    ];
+    let desired = |value: &str| {
+        graph(vec![
+            Resource::new("param/p", "mem.param").prop("value", value),
+            Resource::new("service/s", "mem.service")
+                .prop("restart_on", Value::reference("param/p", "digest"))
+                .prop("stable", Value::reference("param/p", "name")),
+        ])
+    };
+    let mut inv = Inventory::default();
+    let mut p = Observed::new("param/p".into(), "mem.param", Props::new());
+    p.props.insert("value".into(), Value::str("old"));
+    p.outputs.insert("digest".into(), Value::str("d-old"));
+    p.outputs.insert("name".into(), Value::str("p"));
+    inv.add(p);
+    let mut s = Observed::new("service/s".into(), "mem.service", Props::new());
+    s.props.insert("restart_on".into(), Value::str("d-old"));
+    s.props.insert("stable".into(), Value::str("p"));
+    inv.add(s);
+
+    let unchanged = plan(&desired("old"), &inv, VOLATILE, Mode::Deploy);
+    assert!(!unchanged.has_changes(), "{:?}", unchanged.changes);
+
+    let pl = plan(&desired("new"), &inv, VOLATILE, Mode::Deploy);
+    let action = |id: &str| pl.changes.iter().find(|c| c.id.as_str() == id).unwrap();
+    assert_eq!(action("param/p").action, Action::Update);
+    let svc = action("service/s");
+    assert_eq!(svc.action, Action::Update);
+    // Only the volatile output is unknown; the stable one still resolves.
+    let names: Vec<(&str, bool)> = svc
+        .fields
+        .iter()
+        .map(|f| (f.name.as_str(), f.known_after_apply))
+        .collect();
+    assert_eq!(names, [("restart_on", true)]);
 }

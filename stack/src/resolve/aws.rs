@@ -567,6 +567,25 @@ fn storage(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError> {
         "config/bucket",
         Value::reference("bucket/main", "name"),
     ))?;
+    // The runners the control plane registers at start: name → SHA-256 of
+    // its token (boxctl mints the tokens; the control plane learns hashes only).
+    g.add(
+        param(
+            "param/runner-token-hashes",
+            "config/runner-token-hashes",
+            Value::Map(
+                (1..=c.stage.runners)
+                    .map(|n| {
+                        (
+                            format!("runner-{n}"),
+                            Value::reference(&format!("secret/runner-{n}-token"), "sha256"),
+                        )
+                    })
+                    .collect(),
+            ),
+        )
+        .prop("format", "json"),
+    )?;
     g.add(
         Resource::new("logs/services", AWS_LOG_GROUP)
             .prop("name", format!("/boxlite/{}/{}", c.stack, c.stage.name))
@@ -1027,6 +1046,8 @@ struct ServiceSpec<'a> {
     secrets: BTreeMap<String, String>,
     target_group: Option<String>,
     after: Vec<String>,
+    /// What the tasks read at start; a change starts new tasks.
+    restart_on: Option<Value>,
 }
 
 fn service(c: &Ctx<'_>, g: &mut DesiredGraph, spec: ServiceSpec<'_>) -> Result<(), ResolveError> {
@@ -1086,6 +1107,9 @@ fn service(c: &Ctx<'_>, g: &mut DesiredGraph, spec: ServiceSpec<'_>) -> Result<(
         None => Value::List(Vec::new()),
     };
     svc = svc.prop("load_balancers", lbs);
+    if let Some(r) = spec.restart_on {
+        svc = svc.prop("restart_on", r);
+    }
     for dep in &spec.after {
         svc = svc.dep(dep);
     }
@@ -1127,6 +1151,21 @@ fn services(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError> {
             env.insert("BOXLITE_OIDC_ISSUER".into(), o.issuer.clone());
             env.insert("BOXLITE_OIDC_AUDIENCE".into(), o.audience.clone());
         }
+        let mut secrets = cp_secrets.clone();
+        let mut after = Vec::new();
+        let mut restart_on = None;
+        if name == "api" {
+            // The API registers the declared runners when it starts.
+            secrets.insert(
+                "BOXLITE_RUNNER_TOKEN_HASHES".into(),
+                c.ssm("config/runner-token-hashes"),
+            );
+            after.push("param/runner-token-hashes".to_string());
+            restart_on = Some(Value::reference(
+                "param/runner-token-hashes",
+                "value_sha256",
+            ));
+        }
         let listener = if name == "ssh" {
             "listener/ssh".to_string()
         } else {
@@ -1144,13 +1183,17 @@ fn services(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError> {
                 memory_mb: cp.memory_mb,
                 replicas: cp.replicas,
                 env,
-                secrets: cp_secrets.clone(),
+                secrets,
                 target_group: Some(format!("tg/{name}")),
-                after: vec![
+                after: [
                     listener,
                     "param/database-url".into(),
                     "secret/admin-api-key".into(),
-                ],
+                ]
+                .into_iter()
+                .chain(after)
+                .collect(),
+                restart_on,
             },
         )?;
     }
@@ -1184,6 +1227,7 @@ fn services(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError> {
                     .collect(),
                 target_group: svc.public.then(|| format!("tg/svc-{}", svc.name)),
                 after,
+                restart_on: None,
             },
         )?;
     }

@@ -33,6 +33,15 @@ fn ecs_tags(p: &AwsProvider, ctx: &StepCtx, d: &Resource) -> Vec<Tag> {
         .collect()
 }
 
+/// A service's tags: identity, and what it was last restarted for.
+fn service_tags(p: &AwsProvider, ctx: &StepCtx, d: &Resource, pr: &Props<'_>) -> Vec<Tag> {
+    let mut t = ecs_tags(p, ctx, d);
+    if let Some(r) = pr.opt_str("restart_on") {
+        t.push(Tag::builder().key(tags::RESTART_ON).value(r).build());
+    }
+    t
+}
+
 fn tag_map(t: &[Tag]) -> BTreeMap<String, String> {
     tags::to_map(
         t.iter()
@@ -404,6 +413,10 @@ pub async fn observe(p: &AwsProvider) -> Result<Vec<Observed>, ProviderError> {
                     ),
                     ("load_balancers".into(), Value::List(lbs)),
                 ]);
+                let mut props = props;
+                if let Some(r) = t.get(tags::RESTART_ON) {
+                    props.insert("restart_on".into(), Value::str(r.as_str()));
+                }
                 all.push(p.observed(
                     ident,
                     kinds::AWS_ECS_SERVICE,
@@ -640,7 +653,7 @@ pub async fn create(
                 )
                 .propagate_tags(PropagateTags::Service)
                 .enable_ecs_managed_tags(true)
-                .set_tags(Some(ecs_tags(p, ctx, d)))
+                .set_tags(Some(service_tags(p, ctx, d, &pr)))
                 .client_token(token)
                 .send()
                 .await
@@ -672,7 +685,7 @@ pub async fn update(
     ctx: &StepCtx,
     d: &Resource,
     current: &Observed,
-    _changed: &[String],
+    changed: &[String],
 ) -> Result<Observed, ProviderError> {
     let id = &d.id;
     let pr = Props::of(id, &d.props);
@@ -700,6 +713,8 @@ pub async fn update(
         kinds::AWS_ECS_SERVICE => {
             // The family's latest revision: the one this deploy registered.
             let revision = latest_revision(p, id, pr.str("task_definition_family")?).await?;
+            // What the tasks read at start changed: new tasks, same revision.
+            let restart = changed.iter().any(|c| c == "restart_on");
             ecs.update_service()
                 .cluster(pr.str("cluster")?)
                 .service(pr.str("name")?)
@@ -707,9 +722,18 @@ pub async fn update(
                 .desired_count(pr.i32("desired_count")?)
                 .network_configuration(network(id, &pr)?)
                 .set_load_balancers(Some(load_balancers(id, d)?))
+                .force_new_deployment(restart)
                 .send()
                 .await
                 .or_fail("UpdateService", id)?;
+            if restart {
+                ecs.tag_resource()
+                    .resource_arn(output(current, "arn")?)
+                    .set_tags(Some(service_tags(p, &ctx, d, &pr)))
+                    .send()
+                    .await
+                    .or_fail("TagResource", id)?;
+            }
         }
         _ => {}
     }

@@ -45,6 +45,7 @@ const fn spec(kind: &'static str, replace_on: &'static [&'static str], order: u3
         replace_on,
         order,
         create_before_delete: false,
+        volatile_outputs: &[],
     }
 }
 
@@ -62,6 +63,7 @@ pub const KINDS: &[KindSpec] = &[
         order: 12,
         // The listener moves to the new certificate before the old one goes.
         create_before_delete: true,
+        volatile_outputs: &[],
     },
     spec(
         kinds::AWS_SUBNET,
@@ -71,7 +73,14 @@ pub const KINDS: &[KindSpec] = &[
     spec(kinds::AWS_INTERNET_GATEWAY, &[], 15),
     spec(kinds::AWS_EIP, &[], 16),
     spec(kinds::AWS_SECRET, &["name", "prefix", "bytes"], 18),
-    spec(kinds::AWS_PARAMETER, &["name"], 20),
+    KindSpec {
+        kind: kinds::AWS_PARAMETER,
+        replace_on: &["name"],
+        order: 20,
+        create_before_delete: false,
+        // Services restart on the digest of what they read at start.
+        volatile_outputs: &["value_sha256"],
+    },
     spec(kinds::AWS_INSTANCE_PROFILE, &["name", "path"], 24),
     spec(
         kinds::AWS_SECURITY_GROUP,

@@ -35,9 +35,16 @@ struct Marker {
     /// A secret's random bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     bytes: Option<i64>,
+    /// SHA-256 of a secret's value (what the control plane stores of a
+    /// runner token), so it is known without reading the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+    /// `json` when the value is a JSON object of strings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    format: Option<String>,
 }
 
-fn describe(p: &AwsProvider, ctx: &StepCtx, d: &Resource) -> String {
+fn describe(p: &AwsProvider, ctx: &StepCtx, d: &Resource, sha256: Option<String>) -> String {
     let pr = Props::of(&d.id, &d.props);
     let m = Marker {
         boxctl: format!("{}/{}/{}", p.stack, p.stage, d.id),
@@ -45,8 +52,49 @@ fn describe(p: &AwsProvider, ctx: &StepCtx, d: &Resource) -> String {
         prefix: (d.kind == kinds::AWS_SECRET)
             .then(|| pr.opt_str("prefix").unwrap_or("").to_string()),
         bytes: (d.kind == kinds::AWS_SECRET).then(|| pr.int("bytes").unwrap_or(32)),
+        sha256,
+        format: pr.opt_str("format").map(str::to_string),
     };
     serde_json::to_string(&m).expect("marker serializes")
+}
+
+/// The text stored for a parameter: its value, or a JSON object of strings
+/// (`format = "json"`) in canonical form.
+fn stored_value(d: &Resource) -> Result<String, ProviderError> {
+    let pr = Props::of(&d.id, &d.props);
+    match (pr.opt_str("format"), d.props.get("value")) {
+        (Some("json"), Some(Value::Map(m))) => {
+            let obj: serde_json::Map<String, serde_json::Value> = m
+                .iter()
+                .map(|(k, v)| {
+                    v.as_str()
+                        .map(|s| (k.clone(), serde_json::Value::String(s.to_string())))
+                        .ok_or_else(|| {
+                            ProviderError::hard(
+                                "read properties",
+                                format!("{}: value.{k} is not text", d.id),
+                            )
+                        })
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(serde_json::Value::Object(obj).to_string())
+        }
+        _ => Ok(pr.str("value")?.to_string()),
+    }
+}
+
+/// A stored value as the plan compares it.
+fn observed_value(text: &str, format: Option<&str>) -> Value {
+    if format == Some("json")
+        && let Ok(serde_json::Value::Object(m)) = serde_json::from_str(text)
+    {
+        return Value::Map(
+            m.into_iter()
+                .map(|(k, v)| (k, Value::Str(v.as_str().unwrap_or_default().to_string())))
+                .collect(),
+        );
+    }
+    Value::str(text)
 }
 
 fn ssm_tags(p: &AwsProvider, ctx: &StepCtx, d: &Resource) -> Result<Vec<Tag>, ProviderError> {
@@ -152,10 +200,13 @@ pub async fn observe(p: &AwsProvider) -> Result<Vec<Observed>, ProviderError> {
             generation: marker.generation,
         };
         let arn = arn.unwrap_or_default();
-        let outputs = out(&[
+        let mut outputs = out(&[
             ("name", Value::str(name.as_str())),
             ("arn", Value::str(arn)),
         ]);
+        if let Some(h) = &marker.sha256 {
+            outputs.insert("sha256".into(), Value::str(h.as_str()));
+        }
         let (kind, props) = if ty == Some(ParameterType::SecureString) {
             (
                 kinds::AWS_SECRET,
@@ -172,13 +223,18 @@ pub async fn observe(p: &AwsProvider) -> Result<Vec<Observed>, ProviderError> {
             let Some(value) = values.get(&name) else {
                 continue;
             };
-            (
-                kinds::AWS_PARAMETER,
-                PropMap::from([
-                    ("name".into(), Value::str(name.as_str())),
-                    ("value".into(), Value::str(value.as_str())),
-                ]),
-            )
+            outputs.insert("value_sha256".into(), Value::str(stack::sha256_hex(value)));
+            let mut props = PropMap::from([
+                ("name".into(), Value::str(name.as_str())),
+                (
+                    "value".into(),
+                    observed_value(value, marker.format.as_deref()),
+                ),
+            ]);
+            if let Some(f) = &marker.format {
+                props.insert("format".into(), Value::str(f.as_str()));
+            }
+            (kinds::AWS_PARAMETER, props)
         };
         all.push(p.observed(ident, kind, props, outputs, Some(name)));
     }
@@ -211,16 +267,18 @@ pub async fn create(
             ParameterType::SecureString,
         )
     } else {
-        (pr.str("value")?.to_string(), ParameterType::String)
+        (stored_value(d)?, ParameterType::String)
     };
+    let secret_sha256 = (ty == ParameterType::SecureString).then(|| stack::sha256_hex(&value));
+    let value_sha256 = stack::sha256_hex(&value);
     let r =
         p.c.ssm
             .put_parameter()
             .name(name)
             .value(&value)
-            .r#type(ty)
+            .r#type(ty.clone())
             .tier(ParameterTier::Standard)
-            .description(describe(p, ctx, d))
+            .description(describe(p, ctx, d, secret_sha256.clone()))
             .set_tags(Some(ssm_tags(p, ctx, d)?))
             .send()
             .await;
@@ -257,12 +315,12 @@ pub async fn create(
             "*"
         ),
     };
-    Ok(p.after(
-        ctx,
-        d,
-        out(&[("name", Value::str(name)), ("arn", Value::Str(arn))]),
-        Some(name.to_string()),
-    ))
+    let mut outputs = out(&[("name", Value::str(name)), ("arn", Value::Str(arn))]);
+    match secret_sha256 {
+        Some(h) => outputs.insert("sha256".into(), Value::Str(h)),
+        None => outputs.insert("value_sha256".into(), Value::Str(value_sha256)),
+    };
+    Ok(p.after(ctx, d, outputs, Some(name.to_string())))
 }
 
 /// Change a parameter's value (secrets only change by replacement).
@@ -278,20 +336,23 @@ pub async fn update(
         generation: current.generation,
         ..ctx.clone()
     };
+    let mut outputs = current.outputs.clone();
     if d.kind == kinds::AWS_PARAMETER {
         let pr = Props::of(id, &d.props);
+        let value = stored_value(d)?;
         p.c.ssm
             .put_parameter()
             .name(pr.str("name")?)
-            .value(pr.str("value")?)
+            .value(&value)
             .r#type(ParameterType::String)
-            .description(describe(p, &ctx, d))
+            .description(describe(p, &ctx, d, None))
             .overwrite(true)
             .send()
             .await
             .or_fail("PutParameter", id)?;
+        outputs.insert("value_sha256".into(), Value::str(stack::sha256_hex(&value)));
     }
-    Ok(p.after(&ctx, d, current.outputs.clone(), current.handle.clone()))
+    Ok(p.after(&ctx, d, outputs, current.handle.clone()))
 }
 
 /// Delete a parameter or secret.
@@ -330,6 +391,8 @@ mod tests {
             generation: 2,
             prefix: Some("bxr_".into()),
             bytes: Some(32),
+            sha256: Some("ab".repeat(32)),
+            format: None,
         };
         let text = serde_json::to_string(&m).unwrap();
         assert_eq!(serde_json::from_str::<Marker>(&text).unwrap(), m);

@@ -15,6 +15,8 @@ pub const USER_DATA_SHA256: &str = "boxctl:user-data-sha256";
 pub const TERMINATION_PROTECTION: &str = "boxctl:termination-protection";
 /// Content digest of a task definition revision.
 pub const CONTENT_SHA256: &str = "boxctl:content-sha256";
+/// What a service was last restarted for (a digest of what its tasks read at start).
+pub const RESTART_ON: &str = "boxctl:restart-on";
 /// The certificate a listener rule attached to its listener.
 pub const CERTIFICATE: &str = "boxctl:certificate";
 /// The stage secret holding an RDS master password (its name, never its value).

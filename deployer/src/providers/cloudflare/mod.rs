@@ -42,6 +42,7 @@ pub const KINDS: &[KindSpec] = &[KindSpec {
     replace_on: &[],
     order: 70,
     create_before_delete: false,
+    volatile_outputs: &[],
 }];
 
 /// How to reach Cloudflare for one stage.

@@ -35,24 +35,28 @@ const KINDS: &[KindSpec] = &[
         replace_on: &["path"],
         order: 10,
         create_before_delete: false,
+        volatile_outputs: &[],
     },
     KindSpec {
         kind: kinds::LOCAL_SECRET,
         replace_on: &["path", "prefix", "bytes"],
         order: 10,
         create_before_delete: false,
+        volatile_outputs: &[],
     },
     KindSpec {
         kind: kinds::LOCAL_FILE,
         replace_on: &["path"],
         order: 20,
         create_before_delete: false,
+        volatile_outputs: &[],
     },
     KindSpec {
         kind: kinds::LOCAL_PROCESS,
         replace_on: &[],
         order: 30,
         create_before_delete: false,
+        volatile_outputs: &[],
     },
     // Same order as processes: within it, deletes follow the graph (the runner
     // goes before its registration, the registration before the control plane).
@@ -61,6 +65,7 @@ const KINDS: &[KindSpec] = &[
         replace_on: &["name", "control_plane"],
         order: 30,
         create_before_delete: false,
+        volatile_outputs: &[],
     },
 ];
 
