@@ -534,7 +534,11 @@ fn a_new_runner_token_reaches_the_control_plane_by_restarting_the_api() {
     let run = env
         .run(&["deploy", "--stage", "prod"])
         .expect(0, "deploy with a new token");
-    assert!(run.stdout.contains("param/runner-token-hashes"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("param/runner-token-hashes"),
+        "{}",
+        run.stdout
+    );
     assert!(run.stdout.contains("service/api"), "{}", run.stdout);
     let actions = env.proxy.actions();
     assert_eq!(actions.get("UpdateService"), Some(&1), "{actions:?}");

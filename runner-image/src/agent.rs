@@ -103,7 +103,14 @@ impl Agent {
         self.retire();
         let ids: Vec<uuid::Uuid> = self.boxes.list().iter().map(|b| b.id).collect();
         for id in &ids {
-            self.boxes.delete(id).await?;
+            match self.boxes.delete(id).await {
+                Ok(_) => {}
+                // Deleted meanwhile (the control plane's own delete): gone is the goal.
+                Err(e)
+                    if e.downcast_ref::<crate::boxes::BoxError>()
+                        .is_some_and(|b| b.code == "not_found") => {}
+                Err(e) => return Err(e),
+            }
         }
         self.boxes.hierarchy().remove_empty_parents();
         Ok(ids.len())

@@ -189,10 +189,14 @@ async fn healthcheck_reports_and_applies_actions() {
     assert_eq!(first.version, runner_image::VERSION);
     assert!(first.capacity.cpu_millicores >= 1000);
     assert!(first.capacity.memory_mib > 0 && first.capacity.disk_mib > 0);
-    assert_eq!(
-        std::fs::read_to_string(r.state.join("api_key")).unwrap(),
-        "cp-issued-key"
+    // The runner stores the key once it has the answer, just after the
+    // control plane saw the request.
+    let key_file = r.state.join("api_key");
+    assert!(
+        testkit::wait_until(Duration::from_secs(10), || key_file.exists()),
+        "the runner never stored its API key"
     );
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap(), "cp-issued-key");
     cp.set_actions(vec![RunnerAction::Create {
         spec: common::spec(id, 96, false),
     }]);

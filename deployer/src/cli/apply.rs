@@ -30,13 +30,62 @@ pub async fn make_plan<P: Provider>(
     mode: Mode,
 ) -> anyhow::Result<(Inventory, Plan)> {
     if mode == Mode::Deploy {
-        p.prepare(graph)
-            .await
-            .context("preparing the desired state")?;
+        let mut retry = Retry::new("preparing the desired state");
+        loop {
+            match p.prepare(graph).await {
+                Ok(()) => break,
+                Err(e) if retry.again(&e).await => {}
+                Err(e) => return Err(retry.fail(e)),
+            }
+        }
     }
-    let inventory = p.observe().await.context("observing the stage")?;
+    let mut retry = Retry::new("observing the stage");
+    let inventory = loop {
+        match p.observe().await {
+            Ok(inv) => break inv,
+            Err(e) if retry.again(&e).await => {}
+            Err(e) => return Err(retry.fail(e)),
+        }
+    };
     let pl = plan(graph, &inventory, p.kinds(), mode);
     Ok((inventory, pl))
+}
+
+/// Throttling and server errors that outlast the SDK's own retries, tried
+/// again with backoff outside the apply (where the engine retries steps).
+struct Retry {
+    what: &'static str,
+    policy: RetryPolicy,
+    attempt: u32,
+}
+
+impl Retry {
+    fn new(what: &'static str) -> Self {
+        Retry {
+            what,
+            policy: RetryPolicy::default(),
+            attempt: 1,
+        }
+    }
+
+    /// True (after a backoff) when `e` is worth another attempt.
+    async fn again(&mut self, e: &crate::engine::provider::ProviderError) -> bool {
+        if !e.is_retryable() || self.attempt >= self.policy.max_attempts {
+            return false;
+        }
+        tracing::info!(
+            "{}: attempt {} failed, retrying: {e}",
+            self.what,
+            self.attempt
+        );
+        tokio::time::sleep(self.policy.delay(self.attempt)).await;
+        self.attempt += 1;
+        true
+    }
+
+    fn fail(&self, e: crate::engine::provider::ProviderError) -> anyhow::Error {
+        anyhow::Error::new(e).context(self.what)
+    }
 }
 
 /// The stage's graph: for a deploy, with the stage's secrets that are set
