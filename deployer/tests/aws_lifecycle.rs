@@ -147,6 +147,25 @@ impl World {
         self.env.dir.path().join(name).display().to_string()
     }
 
+    /// `boxctl runner publish --stage dev --artifact <dir>/<name>`.
+    fn publish(&self, name: &str) -> Run {
+        self.run(&[
+            "runner",
+            "publish",
+            "--stage",
+            "dev",
+            "--artifact",
+            &self.path(name),
+        ])
+    }
+
+    /// Publish `name`, then deploy the stage (no post-deploy check).
+    fn publish_and_deploy(&self, name: &str) {
+        self.publish(name).expect(0, "publish");
+        self.run(&["deploy", "--stage", "dev", "--no-verify"])
+            .expect(0, "deploy");
+    }
+
     /// A runner's token, as its host reads it from SSM at first boot.
     fn token(&self, runner: &str) -> String {
         let c = self.env.clients();
@@ -251,16 +270,7 @@ fn runners_are_upgraded_over_ssm_from_the_stage_bucket_and_confirmed_by_the_cont
     let v1_art = deployer::platform::artifact::from_binary(&v1).unwrap();
 
     // Publishing comes first: the stage's runners install from its bucket.
-    let r = w
-        .run(&[
-            "runner",
-            "publish",
-            "--stage",
-            "dev",
-            "--artifact",
-            &w.path("v1"),
-        ])
-        .expect(0, "publish");
+    let r = w.publish("v1").expect(0, "publish");
     assert!(
         r.stderr.contains("created the stage bucket"),
         "{}",
@@ -291,16 +301,7 @@ fn runners_are_upgraded_over_ssm_from_the_stage_bucket_and_confirmed_by_the_cont
 
     // The same build again uploads nothing; another build of the version is refused.
     w.env.proxy.reset_counts();
-    let r = w
-        .run(&[
-            "runner",
-            "publish",
-            "--stage",
-            "dev",
-            "--artifact",
-            &w.path("v1"),
-        ])
-        .expect(0, "publish again");
+    let r = w.publish("v1").expect(0, "publish again");
     assert!(r.stderr.contains("already published"), "{}", r.stderr);
     assert!(
         !w.env
@@ -312,14 +313,7 @@ fn runners_are_upgraded_over_ssm_from_the_stage_bucket_and_confirmed_by_the_cont
     );
     fake_runner(dir, "v1b", version);
     let r = w
-        .run(&[
-            "runner",
-            "publish",
-            "--stage",
-            "dev",
-            "--artifact",
-            &w.path("v1b"),
-        ])
+        .publish("v1b")
         .expect(1, "another build of a published version");
     for part in ["already published", "another build", "--force"] {
         assert!(r.stderr.contains(part), "{part}: {}", r.stderr);
@@ -518,17 +512,7 @@ fn a_failed_upgrade_command_names_the_runner_the_step_and_its_output_and_stops_t
     let dir = w.env.dir.path();
     let v1 = fake_runner(dir, "v1", stack::model::defaults::RUNNER_VERSION);
     let v1_art = deployer::platform::artifact::from_binary(&v1).unwrap();
-    w.run(&[
-        "runner",
-        "publish",
-        "--stage",
-        "dev",
-        "--artifact",
-        &w.path("v1"),
-    ])
-    .expect(0, "publish");
-    w.run(&["deploy", "--stage", "dev", "--no-verify"])
-        .expect(0, "deploy");
+    w.publish_and_deploy("v1");
     for r in ["runner-1", "runner-2"] {
         let t = w.register(r);
         w.report(&t, &v1_art.binary_sha256, &[]);
@@ -617,17 +601,7 @@ fn decommission_drains_refuses_with_boxes_then_terminates_deregisters_and_the_ne
     let w = World::new();
     let dir = w.env.dir.path();
     fake_runner(dir, "v1", stack::model::defaults::RUNNER_VERSION);
-    w.run(&[
-        "runner",
-        "publish",
-        "--stage",
-        "dev",
-        "--artifact",
-        &w.path("v1"),
-    ])
-    .expect(0, "publish");
-    w.run(&["deploy", "--stage", "dev", "--no-verify"])
-        .expect(0, "deploy");
+    w.publish_and_deploy("v1");
     let before = runner_instances(&w.env);
     let t1 = w.register("runner-1");
     let t2 = w.register("runner-2");
