@@ -590,8 +590,18 @@ fn lifecycle_commands_need_the_admin_key_before_touching_anything() {
         let mut c = w.cmd(args);
         c.env_remove("BOXLITE_API_KEY");
         let r = wait(c.spawn().unwrap(), Duration::from_secs(60)).expect(1, "no key");
-        assert!(r.stderr.contains("BOXLITE_API_KEY"), "{}", r.stderr);
-        assert_eq!(w.env.proxy.total(), 0, "no AWS call at all");
+        // Not deployed: SSM has no admin key either; the message says both.
+        assert!(
+            r.stderr.contains("BOXLITE_API_KEY") && r.stderr.contains("/boxlite/dev/admin-api-key"),
+            "{}",
+            r.stderr
+        );
+        assert_eq!(w.env.proxy.mutating(), 0, "nothing changed");
+        assert_eq!(
+            w.env.proxy.actions().keys().collect::<Vec<_>>(),
+            ["GetParameter"],
+            "only the key was looked for"
+        );
     }
 }
 
@@ -779,4 +789,34 @@ fn decommission_drains_refuses_with_boxes_then_terminates_deregisters_and_the_ne
         "{}",
         diff.stdout
     );
+}
+
+#[test]
+fn without_boxlite_api_key_the_stage_key_is_read_from_ssm() {
+    let w = World::new();
+    fake_runner(
+        w.env.dir.path(),
+        "v1",
+        stack::model::defaults::RUNNER_VERSION,
+    );
+    w.publish_and_deploy("v1");
+    // The deployed stage's generated key, made the one this control plane knows.
+    let c = w.env.clients();
+    w.env
+        .rt()
+        .block_on(
+            c.ssm
+                .put_parameter()
+                .name("/boxlite/dev/admin-api-key")
+                .value(ADMIN_KEY)
+                .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+                .overwrite(true)
+                .send(),
+        )
+        .unwrap();
+    let mut cmd = w.cmd(&["box", "list", "--stage", "dev", "-o", "json"]);
+    cmd.env_remove("BOXLITE_API_KEY");
+    let r = wait(cmd.spawn().unwrap(), Duration::from_secs(60)).expect(0, "box list");
+    assert_eq!(r.stdout.trim(), "[]", "{}", r.stderr);
+    assert!(!r.all().contains(ADMIN_KEY), "the key was printed");
 }

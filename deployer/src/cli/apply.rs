@@ -584,7 +584,7 @@ async fn verify_stage(
     color: ColorChoice,
 ) -> anyhow::Result<()> {
     let style = Style::stderr(color);
-    let client = context::control_plane(loaded, stage)?;
+    let client = context::control_plane(loaded, stage, None).await?;
     let health = client
         .health()
         .await

@@ -126,21 +126,27 @@ fn key_value(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
-fn client(explicit: Option<&Path>, stage: &str, color: ColorChoice) -> anyhow::Result<Client> {
+async fn client(
+    explicit: Option<&Path>,
+    endpoint: Option<&str>,
+    stage: &str,
+    color: ColorChoice,
+) -> anyhow::Result<Client> {
     let loaded = context::load(explicit, color)?;
     let stage = loaded.stack.stage(stage)?;
-    context::control_plane(&loaded, stage)
+    context::control_plane(&loaded, stage, endpoint).await
 }
 
 /// Run a `box` subcommand.
 pub async fn run(
     explicit: Option<&Path>,
+    endpoint: Option<&str>,
     cmd: BoxCommand,
     color: ColorChoice,
 ) -> anyhow::Result<ExitCode> {
     match cmd {
         BoxCommand::Create(a) => {
-            let c = client(explicit, &a.stage.stage, color)?;
+            let c = client(explicit, endpoint, &a.stage.stage, color).await?;
             let req = CreateBoxRequest {
                 image: a.image,
                 cpu_millicores: a.cpu,
@@ -158,7 +164,7 @@ pub async fn run(
             Ok(ExitCode::SUCCESS)
         }
         BoxCommand::List(a) => {
-            let c = client(explicit, &a.stage.stage, color)?;
+            let c = client(explicit, endpoint, &a.stage.stage, color).await?;
             let mut all = Vec::new();
             let mut cursor: Option<String> = None;
             loop {
@@ -190,7 +196,7 @@ pub async fn run(
             Ok(ExitCode::SUCCESS)
         }
         BoxCommand::Exec(a) => {
-            let c = client(explicit, &a.stage.stage, color)?;
+            let c = client(explicit, endpoint, &a.stage.stage, color).await?;
             let tty = a.tty || (std::io::stdin().is_terminal() && std::io::stdout().is_terminal());
             let start = ExecStart {
                 command: a.command,
@@ -202,7 +208,7 @@ pub async fn run(
             interactive(&c, a.id, start).await
         }
         BoxCommand::Shell(a) => {
-            let c = client(explicit, &a.stage.stage, color)?;
+            let c = client(explicit, endpoint, &a.stage.stage, color).await?;
             if !std::io::stdin().is_terminal() {
                 bail!("`box shell` needs a terminal; use `box exec` to run a command");
             }
@@ -213,7 +219,7 @@ pub async fn run(
             interactive(&c, a.id, start).await
         }
         BoxCommand::Rm(a) => {
-            let c = client(explicit, &a.stage.stage, color)?;
+            let c = client(explicit, endpoint, &a.stage.stage, color).await?;
             let mut failed = 0;
             for id in a.ids {
                 match c.delete_box(id).await {

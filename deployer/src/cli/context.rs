@@ -246,9 +246,13 @@ pub fn local_stage_dir(loaded: &Loaded, stage: &Stage) -> anyhow::Result<PathBuf
 }
 
 /// A client of the stage's control plane, with the admin key: the stage's own
-/// on local; on aws from `BOXLITE_API_KEY`. `BOXLITE_API_URL` and
-/// `BOXLITE_API_KEY` override either.
-pub fn control_plane(loaded: &Loaded, stage: &Stage) -> anyhow::Result<Client> {
+/// (its 0600 file on local; its SSM `SecureString`, which boxctl generated,
+/// on aws). `BOXLITE_API_URL` and `BOXLITE_API_KEY` override either.
+pub async fn control_plane(
+    loaded: &Loaded,
+    stage: &Stage,
+    endpoint: Option<&str>,
+) -> anyhow::Result<Client> {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
     let url = match (env("BOXLITE_API_URL"), stage.target) {
         (Some(u), _) => u,
@@ -274,10 +278,55 @@ pub fn control_plane(loaded: &Loaded, stage: &Stage) -> anyhow::Result<Client> {
                 )
             })?
         }
-        (None, Target::Aws) => bail!(
-            "set BOXLITE_API_KEY to an admin API key of stage {:?}",
-            stage.name
-        ),
+        (None, Target::Aws) => aws_admin_key(stage, endpoint).await?,
     };
     Ok(Client::new(&url, ApiKey::new(key)))
+}
+
+/// The admin key boxctl generated for an aws stage, read from SSM.
+async fn aws_admin_key(stage: &Stage, endpoint: Option<&str>) -> anyhow::Result<String> {
+    let region = stage
+        .region
+        .as_deref()
+        .context("an aws stage has a region")?;
+    let name = format!(
+        "{}admin-api-key",
+        stack::resolve::aws::ssm_prefix(&stage.name)
+    );
+    let clients = crate::providers::aws::client::Clients::new(region, endpoint).await;
+    let missing = || {
+        format!(
+            "no admin API key for stage {:?}: set BOXLITE_API_KEY, or deploy the stage (boxctl keeps its key in SSM {name})",
+            stage.name
+        )
+    };
+    match clients
+        .ssm
+        .get_parameter()
+        .name(&name)
+        .with_decryption(true)
+        .send()
+        .await
+    {
+        Ok(r) => r
+            .parameter()
+            .and_then(|p| p.value())
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!(missing())),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|e| e.is_parameter_not_found()) =>
+        {
+            bail!(missing())
+        }
+        Err(e) => {
+            use aws_sdk_ssm::error::ProvideErrorMetadata as _;
+            bail!(
+                "reading the admin API key of stage {:?} from SSM {name} failed ({}: {}); set BOXLITE_API_KEY, or allow ssm:GetParameter on it",
+                stage.name,
+                e.code().unwrap_or("error"),
+                e.message().unwrap_or("no message")
+            )
+        }
+    }
 }

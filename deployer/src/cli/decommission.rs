@@ -41,8 +41,9 @@ On aws, retiring lifts the instance's termination protection
 (ModifyInstanceAttribute DisableApiTermination=false), terminates it
 (TerminateInstances), waits until it is terminated (up to 15 minutes), and
 deletes its token parameter (/boxlite/<stage>/runner-tokens/<runner>). The
-control plane is https://api.<domain> (or BOXLITE_API_URL) and needs an admin
-key in BOXLITE_API_KEY; without it nothing is touched.
+control plane is https://api.<domain> (or BOXLITE_API_URL); its admin key is
+BOXLITE_API_KEY, or else the stage's own from SSM (/boxlite/<stage>/admin-api-key);
+without one nothing is touched.
 
 A runner still declared in stack.toml comes back fresh (new instance, new
 token) on the next deploy; to scale down, lower `runners` and decommission the
@@ -188,7 +189,8 @@ pub async fn run(
     let style = Style::stderr(color);
     // The control plane drains and empties the runner first: without access
     // to it nothing is touched.
-    let client = context::control_plane(&loaded, &stage)
+    let client = context::control_plane(&loaded, &stage, endpoint)
+        .await
         .map_err(|e| anyhow::anyhow!("{e:#}; nothing was changed"))?;
     let target = context::target(&loaded, &stage, endpoint).await?;
     let command = format!("boxctl decommission {} --stage {}", a.runner, stage.name);

@@ -326,7 +326,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await
         }
-        Command::Box(cmd) => boxes::run(cli.stack.as_deref(), cmd, color).await,
+        Command::Box(cmd) => boxes::run(cli.stack.as_deref(), endpoint, cmd, color).await,
         Command::Runner(cmd) => runner::run(cli.stack.as_deref(), endpoint, cmd, color).await,
         Command::Secret(cmd) => secret::run(cli.stack.as_deref(), endpoint, cmd, color).await,
         Command::Decommission(a) => {

@@ -54,8 +54,8 @@ On aws:
     minutes; nothing secret goes into the command. boxctl polls the command
     until it ends and reports the failing step and the command's output;
   - the new binary is then confirmed through the control plane
-    (https://api.<domain>, or BOXLITE_API_URL), which needs an admin key in
-    BOXLITE_API_KEY: without it nothing is published or sent.
+    (https://api.<domain>, or BOXLITE_API_URL) with an admin key: BOXLITE_API_KEY,
+    or else the stage's own from SSM; without one nothing is published or sent.
   The instances need the SSM agent (Ubuntu AMIs have it) and the runner role's
   AmazonSSMManagedInstanceCore policy, both set up by `boxctl deploy`.
 
@@ -271,7 +271,8 @@ async fn upgrade(
     let style = Style::stderr(color);
     // Every runner is confirmed through the control plane: without access to
     // it nothing is published or sent.
-    let client = context::control_plane(&loaded, &stage)
+    let client = context::control_plane(&loaded, &stage, endpoint)
+        .await
         .map_err(|e| anyhow!("{e:#}; nothing was published or sent to any runner"))?;
     let runners = stage_runners(&loaded, &stage.name, &a.runners)?;
     if runners.is_empty() {
