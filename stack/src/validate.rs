@@ -274,7 +274,7 @@ fn stage(decl: &StageDecl, l: StageLayer, d: &mut Diagnostics<'_>) -> Option<Sta
     let dl = &l.database;
     let engine_version = value_or(&dl.engine_version, defaults::DB_ENGINE_VERSION);
     if let Some(v) = &dl.engine_version
-        && !(!v.value.is_empty() && v.value.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
+        && (v.value.is_empty() || !v.value.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
     {
         d.error(
             &key("database.engine_version"),

@@ -182,8 +182,8 @@ fn steps<'p>(plan: &'p Plan, kinds: &[KindSpec]) -> Vec<Step<'p>> {
                 deps: previous_barrier.into_iter().collect(),
             });
         }
-        for i in first..out.len() {
-            let id = &out[i].change.expect("delete step").id;
+        for step in &mut out[first..] {
+            let id = &step.change.expect("delete step").id;
             let extra: Vec<usize> = dependents_of
                 .get(id)
                 .into_iter()
@@ -191,7 +191,7 @@ fn steps<'p>(plan: &'p Plan, kinds: &[KindSpec]) -> Vec<Step<'p>> {
                 .filter(|d| **d != id)
                 .filter_map(|d| in_bucket.get(d).copied())
                 .collect();
-            out[i].deps.extend(extra);
+            step.deps.extend(extra);
         }
         out.push(Step {
             change: None,

@@ -37,15 +37,15 @@ pub enum StoreError {
     Other(String),
 }
 
+/// An object's bytes and its version.
+pub type Versioned = (Vec<u8>, Etag);
+
 /// A conditional object store.
 pub trait StateStore: Send + Sync {
     /// Where it is, for messages (`/var/lib/...`, `s3://bucket/prefix`).
     fn location(&self) -> String;
     /// An object and its version.
-    fn get<'a>(
-        &'a self,
-        key: &'a str,
-    ) -> BoxFuture<'a, Result<Option<(Vec<u8>, Etag)>, StoreError>>;
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, StoreError>>;
     /// Write an object if the condition holds; the new version.
     fn put<'a>(
         &'a self,
