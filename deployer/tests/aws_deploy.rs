@@ -42,28 +42,11 @@ fn a_prod_stage_deploys_from_empty_and_reruns_change_nothing() {
     // token, and the API reads it at start.
     let c = env.clients();
     let rt = env.rt();
-    let registry = rt
-        .block_on(
-            c.ssm
-                .get_parameter()
-                .name("/boxlite/prod/config/runner-token-hashes")
-                .send(),
-        )
-        .unwrap();
     let registry: BTreeMap<String, String> =
-        serde_json::from_str(registry.parameter().unwrap().value().unwrap()).unwrap();
+        serde_json::from_str(&env.ssm_value("/boxlite/prod/config/runner-token-hashes")).unwrap();
     assert_eq!(registry.len(), 3, "{registry:?}");
     for (name, hash) in &registry {
-        let token = rt
-            .block_on(
-                c.ssm
-                    .get_parameter()
-                    .name(format!("/boxlite/prod/runner-tokens/{name}"))
-                    .with_decryption(true)
-                    .send(),
-            )
-            .unwrap();
-        let token = token.parameter().unwrap().value().unwrap().to_string();
+        let token = env.ssm_value(&format!("/boxlite/prod/runner-tokens/{name}"));
         assert_eq!(hash, &stack::sha256_hex(&token), "{name}");
         assert!(!registry.values().any(|h| h == &token));
     }
@@ -521,15 +504,7 @@ fn a_new_runner_token_reaches_the_control_plane_by_restarting_the_api() {
             .send(),
     )
     .unwrap();
-    let before = rt
-        .block_on(
-            c.ssm
-                .get_parameter()
-                .name("/boxlite/prod/config/runner-token-hashes")
-                .send(),
-        )
-        .unwrap();
-    let before = before.parameter().unwrap().value().unwrap().to_string();
+    let before = env.ssm_value("/boxlite/prod/config/runner-token-hashes");
     env.proxy.reset_counts();
     let run = env
         .run(&["deploy", "--stage", "prod"])
@@ -543,15 +518,10 @@ fn a_new_runner_token_reaches_the_control_plane_by_restarting_the_api() {
     let actions = env.proxy.actions();
     assert_eq!(actions.get("UpdateService"), Some(&1), "{actions:?}");
     assert_eq!(actions.get("TagResource"), Some(&1), "{actions:?}");
-    let after = rt
-        .block_on(
-            c.ssm
-                .get_parameter()
-                .name("/boxlite/prod/config/runner-token-hashes")
-                .send(),
-        )
-        .unwrap();
-    assert_ne!(after.parameter().unwrap().value().unwrap(), before);
+    assert_ne!(
+        env.ssm_value("/boxlite/prod/config/runner-token-hashes"),
+        before
+    );
     env.run(&["diff", "--stage", "prod", "--exit-code"])
         .expect(0, "converged");
 }

@@ -194,6 +194,22 @@ impl Env {
         self.rt().block_on(clients(self.moto.url()))
     }
 
+    /// The value of an SSM parameter in moto (decrypted).
+    pub fn ssm_value(&self, name: &str) -> String {
+        let c = self.clients();
+        let r = self
+            .rt()
+            .block_on(
+                c.ssm
+                    .get_parameter()
+                    .name(name)
+                    .with_decryption(true)
+                    .send(),
+            )
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        r.parameter().unwrap().value().unwrap().to_string()
+    }
+
     /// Count what exists in moto, per kind.
     pub fn inventory(&self) -> BTreeMap<&'static str, usize> {
         let c = self.clients();
