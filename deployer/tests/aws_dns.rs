@@ -448,3 +448,55 @@ fn destroy_removes_the_records_it_owns_and_leaves_the_others() {
     assert_eq!(left.len(), 1, "{left:#?}");
     assert_eq!(left[0]["id"], keep.as_str());
 }
+
+#[test]
+fn a_foreign_record_at_a_validation_name_stops_the_plan_once_the_name_is_known() {
+    let w = World::new();
+    w.set_credentials();
+    w.set_secret("search-key", SEARCH_KEY)
+        .expect(0, "set search-key");
+    // Deployed first without [dns]: the certificates, and so their
+    // validation names, exist before boxctl manages the zone.
+    w.env.write_stack(&stack_with_dns().replace(
+        "[stages.prod.dns]\nprovider = \"cloudflare\"\nzone = \"example.com\"\n",
+        "",
+    ));
+    w.run(&["deploy", "--stage", "prod"])
+        .expect(0, "deploy without dns");
+    let c = w.env.clients();
+    let rt = w.env.rt();
+    let arn = rt
+        .block_on(c.acm.list_certificates().send())
+        .unwrap()
+        .certificate_summary_list()
+        .iter()
+        .find(|s| s.domain_name() == Some("api.boxlite.example.com"))
+        .and_then(|s| s.certificate_arn())
+        .unwrap()
+        .to_string();
+    let cert = rt
+        .block_on(c.acm.describe_certificate().certificate_arn(&arn).send())
+        .unwrap();
+    let rr = cert.certificate().unwrap().domain_validation_options()[0]
+        .resource_record()
+        .unwrap()
+        .clone();
+    let name = rr.name().trim_end_matches('.').to_ascii_lowercase();
+    // Someone published the validation record by hand.
+    w.cf.insert_record(
+        &w.zone,
+        json!({"type": "CNAME", "name": name, "content": rr.value().trim_end_matches('.'), "ttl": 300}),
+    );
+    w.env.write_stack(&stack_with_dns());
+    let diff = w.run(&["diff", "--stage", "prod"]).expect(1, "diff");
+    let shown = diff.all();
+    for want in [name.as_str(), "dns/acm-api", "--adopt dns/acm-api"] {
+        assert!(shown.contains(want), "{want} missing:\n{shown}");
+    }
+    // Adopted, it becomes boxctl's; nothing else held a name.
+    w.run(&["deploy", "--stage", "prod", "--adopt", "dns/acm-api"])
+        .expect(0, "deploy --adopt dns/acm-api");
+    let r = w.record(&name).unwrap();
+    assert_eq!(r["comment"], "boxctl:boxlite/prod/dns/acm-api");
+    assert_eq!(w.records().len(), 8, "{:#?}", w.records());
+}

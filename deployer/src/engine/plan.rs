@@ -186,16 +186,12 @@ pub fn plan(graph: &DesiredGraph, inventory: &Inventory, kinds: &[KindSpec], mod
         .unwrap_or_else(|_| graph.resources.keys().collect());
 
     if mode == Mode::Deploy {
-        for c in &inventory.conflicts {
-            errors.push(PlanError {
-                id: c.id.clone(),
-                message: c.message.clone(),
-                hint: c.hint.clone(),
-            });
-        }
         for id in order {
             let desired = &graph.resources[id];
             let Some(observed) = inventory.resources.get(id) else {
+                if let Some(e) = claimed(desired, &inventory.claims, &fresh, &outputs) {
+                    errors.push(e);
+                }
                 fresh.ids.insert(id.clone());
                 changes.push(Change {
                     id: id.clone(),
@@ -425,6 +421,31 @@ fn merged_policy(desired: Option<&Policy>, observed: &Policy) -> Policy {
 
 /// Replace references whose target exists and is not being recreated by their
 /// current output; report whether any stays unknown until apply.
+/// The refusal for creating `desired` where something the stage does not own
+/// holds one of its values (known at plan time).
+fn claimed(
+    desired: &Resource,
+    claims: &[crate::engine::provider::Claim],
+    fresh: &Unknown,
+    outputs: &impl Fn(&stack::Ref) -> Option<Value>,
+) -> Option<PlanError> {
+    claims
+        .iter()
+        .filter(|c| c.kind == desired.kind && !c.except.contains(&desired.id))
+        .find_map(|c| {
+            let (v, unknown) = resolve_for_plan(desired.props.get(&c.prop)?, fresh, outputs);
+            let v = v.as_str()?.trim_end_matches('.');
+            (!unknown && v.eq_ignore_ascii_case(&c.value)).then(|| PlanError {
+                id: desired.id.clone(),
+                message: format!(
+                    "{} {v} is held by {}, which this stage does not own",
+                    c.prop, c.holder
+                ),
+                hint: c.hint.replace("{id}", desired.id.as_str()),
+            })
+        })
+}
+
 /// What the plan cannot know until apply: every output of resources being
 /// (re)created, and the volatile outputs of resources being updated.
 #[derive(Default)]

@@ -1,6 +1,6 @@
 //! The provider interface: how the engine observes and changes one part of the world.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::future::Future;
 
@@ -62,16 +62,24 @@ impl Observed {
     }
 }
 
-/// Something the stage does not own stands where a declared resource must go
-/// (a DNS name held by a foreign record); the plan refuses it.
+/// Something the stage does not own holds a value a declared resource of
+/// `kind` needs for `prop` (a DNS name held by a foreign record): the plan
+/// refuses to create such a resource, unless its id is in `except` (taken
+/// over deliberately).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Conflict {
-    /// The declared resource.
-    pub id: ResourceId,
-    /// What stands in the way.
-    pub message: String,
-    /// How to resolve it deliberately.
+pub struct Claim {
+    /// Kind of the resources it blocks.
+    pub kind: String,
+    /// Property whose value is held.
+    pub prop: String,
+    /// The value held (compared without regard to case).
+    pub value: String,
+    /// What holds it, for the message.
+    pub holder: String,
+    /// How to resolve it deliberately; `{id}` stands for the blocked resource.
     pub hint: String,
+    /// Resources allowed to take it over.
+    pub except: BTreeSet<ResourceId>,
 }
 
 /// Everything a provider found for a stage.
@@ -82,8 +90,8 @@ pub struct Inventory {
     /// Extra copies carrying an id already seen (left by a crashed run without
     /// idempotency); the plan deletes them.
     pub duplicates: Vec<Observed>,
-    /// Declared resources blocked by something the stage does not own.
-    pub conflicts: Vec<Conflict>,
+    /// Values held by things the stage does not own.
+    pub claims: Vec<Claim>,
 }
 
 impl Inventory {
@@ -102,7 +110,7 @@ impl Inventory {
             self.add(o);
         }
         self.duplicates.extend(other.duplicates);
-        self.conflicts.extend(other.conflicts);
+        self.claims.extend(other.claims);
     }
 }
 

@@ -908,3 +908,41 @@ fn what_references_a_volatile_output_of_an_update_changes_with_it() {
         .collect();
     assert_eq!(names, [("restart_on", true)]);
 }
+
+#[test]
+fn a_value_held_by_something_not_owned_blocks_its_create_unless_taken_over() {
+    use super::provider::Claim;
+    let g = graph(vec![
+        Resource::new("net/a", "mem.net").prop("cidr", "10.0.0.0/16"),
+        Resource::new("host/h", "mem.host")
+            .prop("name", Value::reference("net/a", "uid"))
+            .prop("zone", "a"),
+    ]);
+    let mut inv = Inventory::default();
+    let mut net = Observed::new("net/a".into(), "mem.net", Props::new());
+    net.props.insert("cidr".into(), Value::str("10.0.0.0/16"));
+    net.outputs.insert("uid".into(), Value::str("U-7"));
+    inv.add(net);
+    let claim = |except: &[&str]| Claim {
+        kind: "mem.host".into(),
+        prop: "name".into(),
+        value: "u-7".into(),
+        holder: "a foreign host".into(),
+        hint: "adopt {id}".into(),
+        except: except.iter().map(|e| ResourceId::from(*e)).collect(),
+    };
+    inv.claims.push(claim(&[]));
+    let pl = plan(&g, &inv, KINDS, Mode::Deploy);
+    assert_eq!(pl.errors.len(), 1, "{:?}", pl.errors);
+    assert_eq!(pl.errors[0].id.as_str(), "host/h");
+    assert!(
+        pl.errors[0].message.contains("U-7") && pl.errors[0].message.contains("a foreign host")
+    );
+    assert_eq!(pl.errors[0].hint, "adopt host/h");
+    inv.claims = vec![claim(&["host/h"])];
+    assert!(plan(&g, &inv, KINDS, Mode::Deploy).errors.is_empty());
+    // A name not yet known (its source is created in the same apply) is checked at create.
+    let mut fresh_inv = Inventory::default();
+    fresh_inv.claims.push(claim(&[]));
+    assert!(plan(&g, &fresh_inv, KINDS, Mode::Deploy).errors.is_empty());
+}

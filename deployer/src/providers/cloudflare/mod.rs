@@ -21,7 +21,7 @@ use cloudflare::framework::response::ApiFailure;
 use stack::{DesiredGraph, Props, Resource, ResourceId, Value, kinds};
 
 use crate::engine::provider::{
-    Conflict, Inventory, KindSpec, Observed, Provider, ProviderError, StepCtx,
+    Claim, Inventory, KindSpec, Observed, Provider, ProviderError, StepCtx,
 };
 use crate::secrets::SecretValue;
 use api::{Record, RecordBody};
@@ -276,14 +276,14 @@ impl CloudflareProvider {
         })
     }
 
-    fn conflict_message(&self, id: &ResourceId, name: &str, holders: &[&Record]) -> Conflict {
+    /// The records holding a name, described for an operator.
+    fn describe_holders(holders: &[&Record]) -> String {
         let held: Vec<String> = holders
             .iter()
             .map(|r| {
                 format!(
-                    "{} {}{} (record {}{})",
+                    "{} record{} (id {}{})",
                     r.kind,
-                    r.name,
                     r.content
                         .as_deref()
                         .map(|c| format!(" → {c}"))
@@ -297,17 +297,27 @@ impl CloudflareProvider {
                 )
             })
             .collect();
-        Conflict {
-            id: id.clone(),
-            message: format!(
-                "{name} already exists in zone {} and boxctl does not own it: {}",
-                self.zone_name,
-                held.join("; ")
+        held.join(" and ")
+    }
+
+    /// How to take a name over deliberately; `{id}` is the declared record.
+    fn adopt_hint(&self) -> String {
+        format!(
+            "to take it over deliberately, run deploy with `--adopt {{id}}` (boxctl then rewrites it and owns it); or remove it from zone {} in Cloudflare",
+            self.zone_name
+        )
+    }
+
+    /// The create-time refusal for a name held by records boxctl does not own.
+    fn held(&self, id: &ResourceId, name: &str, holders: &[&Record]) -> ProviderError {
+        ProviderError::hard(
+            "CreateDnsRecord",
+            format!(
+                "{id}: name {name} is held by {}, which this stage does not own",
+                Self::describe_holders(holders)
             ),
-            hint: format!(
-                "to take it over deliberately, run deploy with `--adopt {id}` (boxctl then rewrites it and owns it); or remove it in Cloudflare"
-            ),
-        }
+        )
+        .with_hint(self.adopt_hint().replace("{id}", id.as_str()))
     }
 }
 
@@ -390,23 +400,33 @@ impl Provider for CloudflareProvider {
             }
         }
         let mut seen = self.seen.lock().expect("not poisoned");
+        // Names adopted deliberately are observed as the declared record.
         for (id, name) in &seen.wanted {
-            if inv.resources.contains_key(id) {
+            if inv.resources.contains_key(id) || !self.adopt.contains(id) {
                 continue;
             }
-            let holders: Vec<&Record> = foreign
-                .iter()
-                .filter(|r| r.name.eq_ignore_ascii_case(name))
-                .collect();
-            match holders.first() {
-                None => {}
-                Some(first) if self.adopt.contains(id) => {
-                    inv.add(self.observed(id.clone(), first));
-                }
-                Some(_) => inv
-                    .conflicts
-                    .push(self.conflict_message(id, name, &holders)),
+            if let Some(r) = foreign.iter().find(|r| r.name.eq_ignore_ascii_case(name)) {
+                inv.add(self.observed(id.clone(), r));
             }
+        }
+        // Every other name held by a record boxctl does not own blocks a
+        // create (the plan checks names known only from other resources too).
+        let mut by_name: BTreeMap<String, Vec<&Record>> = BTreeMap::new();
+        for r in &foreign {
+            by_name
+                .entry(r.name.to_ascii_lowercase())
+                .or_default()
+                .push(r);
+        }
+        for (name, holders) in by_name {
+            inv.claims.push(Claim {
+                kind: kinds::CLOUDFLARE_DNS_RECORD.to_string(),
+                prop: "name".into(),
+                value: name,
+                holder: Self::describe_holders(&holders),
+                hint: self.adopt_hint(),
+                except: self.adopt.clone(),
+            });
         }
         seen.foreign = foreign;
         Ok(inv)
@@ -434,8 +454,7 @@ impl Provider for CloudflareProvider {
             }
             None if !holders.is_empty() => {
                 let refs: Vec<&Record> = holders.iter().collect();
-                let c = self.conflict_message(&d.id, &body.name, &refs);
-                return Err(ProviderError::hard("CreateDnsRecord", c.message).with_hint(c.hint));
+                return Err(self.held(&d.id, &body.name, &refs));
             }
             None => match self
                 .client
@@ -452,10 +471,7 @@ impl Provider for CloudflareProvider {
                         let holders = self.list(Some(&body.name)).await?;
                         if !holders.is_empty() {
                             let refs: Vec<&Record> = holders.iter().collect();
-                            let c = self.conflict_message(&d.id, &body.name, &refs);
-                            return Err(
-                                ProviderError::hard("CreateDnsRecord", c.message).with_hint(c.hint)
-                            );
+                            return Err(self.held(&d.id, &body.name, &refs));
                         }
                     }
                     return Err(error("CreateDnsRecord", &d.id.to_string(), &e));
