@@ -258,9 +258,11 @@ impl SecretStore {
                         else {
                             continue;
                         };
-                        // Generated parameters carry boxctl's JSON marker;
+                        // Generated parameters carry boxctl's marker;
                         // operators' secrets are SecureStrings with a valid name.
-                        let generated = p.description().is_some_and(|d| d.starts_with('{'));
+                        let generated = p
+                            .description()
+                            .is_some_and(crate::providers::aws::ssm::is_generated);
                         if generated
                             || p.r#type() != Some(&ParameterType::SecureString)
                             || stack::secrets::check_name(name).is_err()

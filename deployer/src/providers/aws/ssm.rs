@@ -44,6 +44,12 @@ struct Marker {
     format: Option<String>,
 }
 
+/// True when a parameter's description is boxctl's marker: the parameter is
+/// one boxctl generated for a stage, not an operator's secret.
+pub fn is_generated(description: &str) -> bool {
+    serde_json::from_str::<Marker>(description).is_ok()
+}
+
 fn describe(p: &AwsProvider, ctx: &StepCtx, d: &Resource, sha256: Option<String>) -> String {
     let pr = Props::of(&d.id, &d.props);
     let m = Marker {
@@ -269,8 +275,8 @@ pub async fn create(
     } else {
         (stored_value(d)?, ParameterType::String)
     };
-    let secret_sha256 = (ty == ParameterType::SecureString).then(|| stack::sha256_hex(&value));
     let value_sha256 = stack::sha256_hex(&value);
+    let secret_sha256 = (ty == ParameterType::SecureString).then(|| value_sha256.clone());
     let r =
         p.c.ssm
             .put_parameter()

@@ -340,11 +340,9 @@ fn error(call: &str, what: &str, e: &ApiFailure) -> ProviderError {
 }
 
 fn is_not_found(e: &ApiFailure) -> bool {
-    let (status, codes) = api::failure_codes(e);
     // DNS codes (81044 "record not found") overflow the crate's u16 codes:
     // the status is what is left.
-    let _ = codes;
-    status == Some(404)
+    api::failure_codes(e).0 == Some(404)
 }
 
 impl Provider for CloudflareProvider {
@@ -434,12 +432,18 @@ impl Provider for CloudflareProvider {
 
     async fn create(&self, _ctx: &StepCtx, d: &Resource) -> Result<Observed, ProviderError> {
         let body = self.body(d)?;
-        // Names only known now (validation records) are checked here.
-        let holders = self.list(Some(&body.name)).await?;
-        let ours = self.marker(&d.id);
-        let existing = holders
+        // Names only known now (validation records) are checked against the
+        // zone as observed; a record added since makes the create fail below.
+        let holders: Vec<Record> = self
+            .seen
+            .lock()
+            .expect("not poisoned")
+            .foreign
             .iter()
-            .find(|r| r.comment.as_deref() == Some(ours.as_str()) || self.adopt.contains(&d.id));
+            .filter(|r| r.name.eq_ignore_ascii_case(&body.name))
+            .cloned()
+            .collect();
+        let existing = holders.first().filter(|_| self.adopt.contains(&d.id));
         let record = match existing {
             Some(r) => {
                 self.client
