@@ -123,6 +123,15 @@ fn a_prod_stage_deploys_from_empty_and_reruns_change_nothing() {
                 .iter()
                 .any(|t| t.key() == Some(stack::tags::PROTECT) && t.value() == Some("true"))
         );
+        // The host carries its token's digest, the one the registry holds.
+        let name = id.trim_start_matches("runner/");
+        assert!(
+            inst.tags()
+                .iter()
+                .any(|t| t.key() == Some("boxctl:token-sha256")
+                    && t.value() == Some(registry[name].as_str())),
+            "{id}"
+        );
     }
 
     // No secret value anywhere: not in what boxctl printed, not in the
@@ -490,38 +499,94 @@ fn a_new_image_registers_one_revision_and_rolls_the_services_onto_it() {
 }
 
 #[test]
-fn a_new_runner_token_reaches_the_control_plane_by_restarting_the_api() {
+fn a_new_runner_mints_its_token_and_the_api_restarts_to_register_it() {
     let env = Env::new();
     env.run(&["deploy", "--stage", "prod"]).expect(0, "deploy");
-    // A token gone (as decommission leaves it): the next deploy mints a new
-    // one, rewrites the registry and restarts the API tasks to read it.
-    let c = env.clients();
-    let rt = env.rt();
-    rt.block_on(
-        c.ssm
-            .delete_parameter()
-            .name("/boxlite/prod/runner-tokens/runner-3")
-            .send(),
-    )
-    .unwrap();
-    let before = env.ssm_value("/boxlite/prod/config/runner-token-hashes");
+    // One more runner: its host mints a token, the registry gains its
+    // digest and the API tasks restart to read it.
+    let before: BTreeMap<String, String> =
+        serde_json::from_str(&env.ssm_value("/boxlite/prod/config/runner-token-hashes")).unwrap();
+    env.write_stack(&STACK.replacen("runners = 3", "runners = 4", 1));
     env.proxy.reset_counts();
     let run = env
         .run(&["deploy", "--stage", "prod"])
-        .expect(0, "deploy with a new token");
-    assert!(
-        run.stdout.contains("param/runner-token-hashes"),
-        "{}",
-        run.stdout
-    );
-    assert!(run.stdout.contains("service/api"), "{}", run.stdout);
+        .expect(0, "deploy a fourth runner");
+    for changed in [
+        "runner/runner-4",
+        "param/runner-token-hashes",
+        "service/api",
+    ] {
+        assert!(run.stdout.contains(changed), "{changed}: {}", run.stdout);
+    }
     let actions = env.proxy.actions();
+    assert_eq!(actions.get("RunInstances"), Some(&1), "{actions:?}");
     assert_eq!(actions.get("UpdateService"), Some(&1), "{actions:?}");
     assert_eq!(actions.get("TagResource"), Some(&1), "{actions:?}");
-    assert_ne!(
-        env.ssm_value("/boxlite/prod/config/runner-token-hashes"),
-        before
+    let after: BTreeMap<String, String> =
+        serde_json::from_str(&env.ssm_value("/boxlite/prod/config/runner-token-hashes")).unwrap();
+    let token = env.ssm_value("/boxlite/prod/runner-tokens/runner-4");
+    assert_eq!(after["runner-4"], stack::sha256_hex(&token));
+    // The others keep their tokens.
+    for (name, hash) in &before {
+        assert_eq!(&after[name], hash, "{name}");
+    }
+    assert_eq!(after.len(), 4);
+    env.run(&["diff", "--stage", "prod", "--exit-code"])
+        .expect(0, "converged");
+}
+
+#[test]
+fn a_launch_that_fails_after_minting_its_token_keeps_that_token() {
+    let env = Env::new();
+    // One launch is refused after its host's token is stored.
+    env.proxy.answer_next(
+        "RunInstances",
+        1,
+        403,
+        "<Response><Errors><Error><Code>UnauthorizedOperation</Code><Message>You are not authorized to perform this operation.</Message></Error></Errors><RequestID>r-1</RequestID></Response>",
     );
+    let failed = env
+        .run(&["deploy", "--stage", "prod"])
+        .expect(1, "a deploy with a refused launch");
+    assert!(failed.stderr.contains("RunInstances"), "{}", failed.stderr);
+    let launched = runner_instances(&env);
+    let c = env.clients();
+    let tokens: BTreeMap<String, String> = (1..=3)
+        .filter_map(|n| {
+            let name = format!("runner-{n}");
+            let r = env.rt().block_on(
+                c.ssm
+                    .get_parameter()
+                    .name(format!("/boxlite/prod/runner-tokens/{name}"))
+                    .with_decryption(true)
+                    .send(),
+            );
+            let token = r.ok()?.parameter()?.value()?.to_string();
+            Some((name, token))
+        })
+        .collect();
+    // The refused runner's token is stored, its host is not.
+    assert!(
+        tokens
+            .keys()
+            .any(|name| !launched.contains_key(&format!("runner/{name}"))),
+        "{tokens:?} {launched:?}"
+    );
+
+    env.run(&["deploy", "--stage", "prod"])
+        .expect(0, "the deploy after");
+    assert_eq!(env.inventory(), expected("prod"));
+    // Every token is the one first stored, and the registry holds its digest.
+    let registry: BTreeMap<String, String> =
+        serde_json::from_str(&env.ssm_value("/boxlite/prod/config/runner-token-hashes")).unwrap();
+    for (name, token) in &tokens {
+        assert_eq!(
+            &env.ssm_value(&format!("/boxlite/prod/runner-tokens/{name}")),
+            token,
+            "{name}"
+        );
+        assert_eq!(registry[name], stack::sha256_hex(token), "{name}");
+    }
     env.run(&["diff", "--stage", "prod", "--exit-code"])
         .expect(0, "converged");
 }

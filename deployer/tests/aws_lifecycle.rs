@@ -753,7 +753,7 @@ fn decommission_drains_refuses_with_boxes_then_terminates_deregisters_and_the_ne
     );
 
     // Still declared: the next deploy brings it back, fresh (a new
-    // instance and a new token, registered by the restarted API). (It is not
+    // instance minting a new token, registered by the restarted API). (It is not
     // deployed here: moto 5.2.5 never releases a terminated instance's
     // private IP address, so launching the runner again at its address fails
     // inside moto with "IP already in use"; AWS releases it.)
@@ -777,7 +777,6 @@ fn decommission_drains_refuses_with_boxes_then_terminates_deregisters_and_the_ne
         changes,
         BTreeMap::from([
             (format!("runner/{on}"), "create".to_string()),
-            (format!("secret/{on}-token"), "create".to_string()),
             // The control plane learns the new token's hash: the registry
             // parameter changes and the API restarts to read it.
             (

@@ -138,8 +138,6 @@ fn a_prod_stage_has_every_part_of_the_platform() {
         "bucket/main",
         "secret/admin-api-key",
         "secret/database-password",
-        "secret/runner-1-token",
-        "secret/runner-3-token",
         "param/database-url",
         "param/api-url",
         "param/bucket",
@@ -228,14 +226,22 @@ fn runners_are_protected_alternate_zones_and_carry_no_secret() {
     assert!(ud.contains("advertise_url = \"http://10.42.128.4:7100\""));
     assert!(ud.contains("abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789"));
     assert!(ud.contains("https://downloads.example.com/boxlite-runner-0.1.0.tar.gz"));
-    // The token is a generated SecureString the runner reads at boot.
-    let token = get(&g, "secret/runner-1-token");
-    assert_eq!(token.kind, kinds::AWS_SECRET);
+    // The host owns its token: a SecureString minted with it, read at boot.
     assert_eq!(
-        s(&g, "secret/runner-1-token", "name"),
+        s(&g, "runner/runner-1", "token_parameter"),
         "/boxlite/prod/runner-tokens/runner-1"
     );
-    assert!(r1.deps.contains(&ResourceId::from("secret/runner-1-token")));
+    assert!(!g.resources.keys().any(|id| id.as_str().ends_with("-token")));
+    // The registry names each runner's digest, as its host records it.
+    let registry = get(&g, "param/runner-token-hashes").props["value"]
+        .as_map()
+        .unwrap()
+        .clone();
+    assert_eq!(registry.len(), 3);
+    assert_eq!(
+        registry["runner-2"],
+        Value::reference("runner/runner-2", "token_sha256")
+    );
 }
 
 #[test]

@@ -351,10 +351,13 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             c.times -= 1;
             let mut r = Response::new(Body::from(c.body.clone()));
             *r.status_mut() = StatusCode::from_u16(c.status).expect("valid status");
-            r.headers_mut().insert(
-                "content-type",
-                HeaderValue::from_static("application/x-amz-json-1.1"),
-            );
+            let content_type = if c.body.starts_with('<') {
+                "text/xml;charset=UTF-8"
+            } else {
+                "application/x-amz-json-1.1"
+            };
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static(content_type));
             return r;
         }
     }
@@ -512,8 +515,8 @@ impl AwsProxy {
         self.inner.actions.lock().expect("actions mutex").clone()
     }
 
-    /// Answer the next `times` calls of a JSON-protocol `action` (SSM, ECS, …)
-    /// with `status` and `body` instead of forwarding them: what the emulator
+    /// Answer the next `times` calls of `action` with `status` and `body`
+    /// (JSON, or XML when it starts with `<`) instead of forwarding them: what the emulator
     /// cannot produce (an SSM command that failed on its host, an invocation
     /// not visible yet). The calls are still logged.
     pub fn answer_next(&self, action: &str, times: u32, status: u16, body: &str) {

@@ -303,9 +303,16 @@ pub fn expected_of(g: &stack::DesiredGraph) -> BTreeMap<&'static str, usize> {
             .find(|k| **k == r.kind)
             .unwrap_or_else(|| panic!("unknown kind {}", r.kind));
         *m.entry(k).or_insert(0) += 1;
+        // Each runner host owns its token parameter.
+        if r.kind == kinds::AWS_INSTANCE {
+            *m.entry(RUNNER_TOKEN).or_insert(0) += 1;
+        }
     }
     m
 }
+
+/// What the inventory calls a runner token parameter (not a resource of its own).
+pub const RUNNER_TOKEN: &str = "runner token parameter";
 
 const KIND_NAMES: &[&str] = &[
     kinds::AWS_VPC,
@@ -529,7 +536,9 @@ pub async fn inventory(c: &Clients) -> BTreeMap<&'static str, usize> {
         .await
         .unwrap();
     for p in params.iter().flat_map(|p| p.parameters()) {
-        let kind = if p.r#type() == Some(&aws_sdk_ssm::types::ParameterType::SecureString) {
+        let kind = if p.name().unwrap_or_default().contains("/runner-tokens/") {
+            RUNNER_TOKEN
+        } else if p.r#type() == Some(&aws_sdk_ssm::types::ParameterType::SecureString) {
             kinds::AWS_SECRET
         } else {
             kinds::AWS_PARAMETER

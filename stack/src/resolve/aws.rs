@@ -106,6 +106,10 @@ pub fn ssm_prefix(stage: &str) -> String {
     format!("/boxlite/{stage}/")
 }
 
+/// The folder of a stage's SSM namespace holding the runner tokens, each
+/// owned by its runner host (not observed as parameters of their own).
+pub const RUNNER_TOKENS: &str = "runner-tokens";
+
 /// JSON text with object keys sorted, pretty-printed: the form in which
 /// policies and container definitions are compared and shown as diffs.
 pub fn canonical_json(v: &serde_json::Value) -> String {
@@ -539,14 +543,6 @@ fn storage(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError> {
     };
     g.add(secret("secret/admin-api-key", "admin-api-key", "bxk_"))?;
     g.add(secret("secret/database-password", "database-password", ""))?;
-    for n in 1..=c.stage.runners {
-        let name = format!("runner-{n}");
-        g.add(secret(
-            &format!("secret/{name}-token"),
-            &format!("runner-tokens/{name}"),
-            "bxr_",
-        ))?;
-    }
     let param = |id: &str, rest: &str, value: Value| {
         Resource::new(id, AWS_PARAMETER)
             .prop("name", c.ssm(rest))
@@ -568,7 +564,8 @@ fn storage(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError> {
         Value::reference("bucket/main", "name"),
     ))?;
     // The runners the control plane registers at start: name → SHA-256 of
-    // its token (boxctl mints the tokens; the control plane learns hashes only).
+    // its token (each runner host owns its token parameter and carries the
+    // digest; the control plane learns hashes only).
     g.add(
         param(
             "param/runner-token-hashes",
@@ -578,7 +575,7 @@ fn storage(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError> {
                     .map(|n| {
                         (
                             format!("runner-{n}"),
-                            Value::reference(&format!("secret/runner-{n}-token"), "sha256"),
+                            Value::reference(&format!("runner/runner-{n}"), "token_sha256"),
                         )
                     })
                     .collect(),
@@ -626,7 +623,7 @@ fn identity(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError> {
                             "Sid": "RunnerTokens",
                             "Effect": "Allow",
                             "Action": ["ssm:GetParameter"],
-                            "Resource": [c.ssm_arn("runner-tokens/*")],
+                            "Resource": [c.ssm_arn(&format!("{RUNNER_TOKENS}/*"))],
                         },
                         {
                             "Sid": "RunnerArtifacts",
@@ -671,7 +668,7 @@ fn identity(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError> {
                         "Sid": "NotRunnerTokensOrDnsCredentials",
                         "Effect": "Deny",
                         "Action": ["ssm:*"],
-                        "Resource": [c.ssm_arn("runner-tokens/*"), c.ssm_arn("cloudflare-*")],
+                        "Resource": [c.ssm_arn(&format!("{RUNNER_TOKENS}/*")), c.ssm_arn("cloudflare-*")],
                     },
                 ]),
             ),
@@ -1247,13 +1244,13 @@ fn runners(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError> {
             .runner_address(n)
             .expect("validated: a runner subnet holds the largest runner count");
         let zone_letter = ["a", "b"][zone];
-        let token_parameter = c.ssm(&format!("runner-tokens/{name}"));
+        let token_parameter = c.ssm(&format!("{RUNNER_TOKENS}/{name}"));
         let mut vars: BTreeMap<&str, String> = BTreeMap::from([
             ("name", name.clone()),
             ("stage", c.stage.name.clone()),
             ("region", c.region.to_string()),
             ("artifact_url", artifact_url.clone()),
-            ("token_parameter", token_parameter),
+            ("token_parameter", token_parameter.clone()),
             ("control_plane_url", format!("https://api.{}", c.domain)),
             ("advertise_url", format!("http://{ip}:{RUNNER_PORT}")),
             ("port", RUNNER_PORT.to_string()),
@@ -1306,7 +1303,8 @@ fn runners(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError> {
                 )
                 .prop("user_data", user_data)
                 .prop("termination_protection", true)
-                .dep(&format!("secret/{name}-token"))
+                // Minted with the host, stored as a SecureString it reads at boot.
+                .prop("token_parameter", token_parameter)
                 .dep(&format!("rt/private-{zone_letter}"))
                 .protect()
                 .ignore_changes(&["ami", "user_data"]),

@@ -3,6 +3,11 @@
 //! set at launch and again with `ModifyInstanceAttribute`, and recorded in a
 //! tag so a crash between the two is repaired by the next deploy.
 //!
+//! Each host owns its runner token: launching it mints the token into an SSM
+//! `SecureString` first (or keeps the one an interrupted launch stored) and
+//! tags the instance with the parameter's name and the token's SHA-256, which
+//! the runner registry reads as an output; terminating it deletes the token.
+//!
 //! DescribeInstances does not list user data, so each instance carries the
 //! SHA-256 of its user data in a tag: a no-op diff reads no user data at all,
 //! and only a runner whose digest differs has its user data fetched, to show
@@ -223,15 +228,7 @@ async fn artifact_sha256(
 /// Every runner host of the stage.
 pub async fn observe(p: &AwsProvider) -> Result<Vec<Observed>, ProviderError> {
     let mut filters = stage_filters(p);
-    filters.push(
-        Filter::builder()
-            .name("instance-state-name")
-            .values("pending")
-            .values("running")
-            .values("stopping")
-            .values("stopped")
-            .build(),
-    );
+    filters.push(live());
     let (reservations, volumes) = futures::try_join!(
         async {
             p.c.ec2
@@ -315,6 +312,10 @@ pub async fn observe(p: &AwsProvider) -> Result<Vec<Observed>, ProviderError> {
                         .is_some_and(|v| v == "true"),
                 ),
             ),
+            (
+                "token_parameter".into(),
+                Value::str(t.get(tags::TOKEN_PARAMETER).cloned().unwrap_or_default()),
+            ),
         ]);
         if let Some(arn) = inst.iam_instance_profile().and_then(|i| i.arn()) {
             let name = arn.rsplit('/').next().unwrap_or(arn);
@@ -344,10 +345,11 @@ pub async fn observe(p: &AwsProvider) -> Result<Vec<Observed>, ProviderError> {
             ident,
             kinds::AWS_INSTANCE,
             props,
-            out(&[
-                ("id", Value::str(instance_id)),
-                ("private_ip", Value::Str(ip)),
-            ]),
+            outputs(
+                instance_id,
+                ip,
+                t.get(tags::TOKEN_SHA256).cloned().unwrap_or_default(),
+            ),
             Some(instance_id.to_string()),
         ));
     }
@@ -362,6 +364,56 @@ pub async fn observe(p: &AwsProvider) -> Result<Vec<Observed>, ProviderError> {
         all[i].props.insert("user_data".into(), Value::Str(text?));
     }
     Ok(all)
+}
+
+/// Hosts that exist (not terminated or shutting down).
+fn live() -> Filter {
+    Filter::builder()
+        .name("instance-state-name")
+        .values("pending")
+        .values("running")
+        .values("stopping")
+        .values("stopped")
+        .build()
+}
+
+/// True when a live host other than `instance` carries the id `id`.
+async fn other_host_with_id(
+    p: &AwsProvider,
+    id: &ResourceId,
+    instance: &str,
+) -> Result<bool, ProviderError> {
+    let mut filters = stage_filters(p);
+    filters.push(
+        Filter::builder()
+            .name(format!("tag:{}", stack::tags::ID))
+            .values(id.as_str())
+            .build(),
+    );
+    filters.push(live());
+    let hosts: Vec<_> =
+        p.c.ec2
+            .describe_instances()
+            .set_filters(Some(filters))
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .or_fail("DescribeInstances", id)?;
+    Ok(hosts
+        .iter()
+        .flat_map(|r| r.instances())
+        .any(|i| i.instance_id().is_some_and(|x| x != instance)))
+}
+
+/// What a runner host gives others: its id, address and token digest.
+fn outputs(instance_id: &str, ip: String, token_sha256: String) -> BTreeMap<String, Value> {
+    out(&[
+        ("id", Value::str(instance_id)),
+        ("private_ip", Value::Str(ip)),
+        ("token_sha256", Value::Str(token_sha256)),
+    ])
 }
 
 /// The user data of one instance, as text (only for runners whose digest differs).
@@ -397,8 +449,17 @@ pub async fn create(
     let ami = pr.str("ami")?;
     let root_device = root_device(p, id, ami).await?;
     let user_data = pr.str("user_data")?;
+    let token_parameter = pr.str("token_parameter")?;
+    // The token exists before the host that reads it at boot.
+    let token_sha256 =
+        super::ssm::mint_runner_token(p, ctx, id, &d.policy, token_parameter).await?;
     let mut t = create_tags(p, ctx, d);
     t.push((tags::USER_DATA_SHA256.to_string(), sha256_hex(user_data)));
+    t.push((
+        tags::TOKEN_PARAMETER.to_string(),
+        token_parameter.to_string(),
+    ));
+    t.push((tags::TOKEN_SHA256.to_string(), token_sha256.clone()));
     let volume_tags = p.tags_for(id, &d.policy, ctx.generation);
     let groups = pr.id_set("security_groups")?;
     // A token AWS still remembers from a terminated incarnation answers with
@@ -478,10 +539,7 @@ pub async fn create(
     Ok(p.after(
         ctx,
         d,
-        out(&[
-            ("id", Value::str(instance_id.as_str())),
-            ("private_ip", Value::Str(ip)),
-        ]),
+        outputs(&instance_id, ip, token_sha256),
         Some(instance_id),
     ))
 }
@@ -641,7 +699,8 @@ pub async fn update(
 }
 
 /// Terminate a runner host: lift its protection first (only `destroy`,
-/// `decommission` and duplicate clean-up get here), then wait until it is gone.
+/// `decommission` and duplicate clean-up get here), delete its token, then
+/// wait until it is gone.
 pub async fn delete(p: &AwsProvider, _ctx: &StepCtx, o: &Observed) -> Result<(), ProviderError> {
     let id = &o.id;
     let instance = output(o, "id")?;
@@ -653,6 +712,15 @@ pub async fn delete(p: &AwsProvider, _ctx: &StepCtx, o: &Observed) -> Result<(),
             .send()
             .await
             .or_missing("ModifyInstanceAttribute", id)?;
+    // The token goes first: a rerun after a crash still finds the host by
+    // its tags, never a token without a host. A duplicate host shares the
+    // token of the one that stays, so the token goes with the last host only.
+    if let Some(Value::Str(name)) = o.props.get("token_parameter")
+        && !name.is_empty()
+        && !other_host_with_id(p, id, instance).await?
+    {
+        super::ssm::delete_named(p, id, name).await?;
+    }
     if lifted.is_none() {
         return Ok(());
     }

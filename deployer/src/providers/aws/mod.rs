@@ -127,6 +127,7 @@ pub const KINDS: &[KindSpec] = &[
             "subnet_id",
             "private_ip",
             "instance_profile",
+            "token_parameter",
         ],
         60,
     ),

@@ -7,6 +7,12 @@
 //! password, handed straight to RDS). DescribeParameters (filtered by path
 //! and by the stack/stage tags) does not return tags, so each parameter also
 //! names its resource id, and a secret its format, in its description.
+//!
+//! Runner tokens (`runner-tokens/<runner>`) are not resources of their own:
+//! each runner host mints its token when it is launched, keeps the digest in
+//! a tag and deletes the parameter when it goes. Observation reads the
+//! stage's top level and `config/` only, so nothing it lists grows with the
+//! number of runners.
 
 use std::collections::BTreeMap;
 
@@ -103,15 +109,20 @@ fn observed_value(text: &str, format: Option<&str>) -> Value {
     Value::str(text)
 }
 
-fn ssm_tags(p: &AwsProvider, ctx: &StepCtx, d: &Resource) -> Result<Vec<Tag>, ProviderError> {
-    p.tags_for(&d.id, &d.policy, ctx.generation)
+fn ssm_tags(
+    p: &AwsProvider,
+    ctx: &StepCtx,
+    id: &ResourceId,
+    policy: &stack::Policy,
+) -> Result<Vec<Tag>, ProviderError> {
+    p.tags_for(id, policy, ctx.generation)
         .into_iter()
         .map(|(k, v)| {
             Tag::builder()
                 .key(k)
                 .value(v)
                 .build()
-                .map_err(|e| ProviderError::hard("tag", format!("{}: {e}", d.id)))
+                .map_err(|e| ProviderError::hard("tag", format!("{id}: {e}")))
         })
         .collect()
 }
@@ -129,17 +140,15 @@ fn filter(
         .map_err(|e| ProviderError::hard("DescribeParameters", e.to_string()))
 }
 
-/// Every parameter and secret of the stage.
-pub async fn observe(p: &AwsProvider) -> Result<Vec<Observed>, ProviderError> {
-    let path = stack::resolve::aws::ssm_prefix(&p.stage);
-    let metadata =
+/// The stage's parameters one level below `folder` (tag-filtered, paginated).
+async fn list_level(
+    p: &AwsProvider,
+    folder: &str,
+) -> Result<Vec<aws_sdk_ssm::types::ParameterMetadata>, ProviderError> {
+    let pages =
         p.c.ssm
             .describe_parameters()
-            .parameter_filters(filter(
-                "Path",
-                Some("Recursive"),
-                path.trim_end_matches('/'),
-            )?)
+            .parameter_filters(filter("Path", Some("OneLevel"), folder)?)
             .parameter_filters(filter(
                 &format!("tag:{}", stack::tags::STACK),
                 None,
@@ -156,7 +165,19 @@ pub async fn observe(p: &AwsProvider) -> Result<Vec<Observed>, ProviderError> {
             .try_collect()
             .await
             .or_fail("DescribeParameters", "observing SSM parameters")?;
-    let metadata: Vec<_> = metadata.iter().flat_map(|page| page.parameters()).collect();
+    Ok(pages
+        .into_iter()
+        .flat_map(|page| page.parameters.unwrap_or_default())
+        .collect())
+}
+
+/// Every parameter and secret of the stage (runner tokens belong to their hosts).
+pub async fn observe(p: &AwsProvider) -> Result<Vec<Observed>, ProviderError> {
+    let path = stack::resolve::aws::ssm_prefix(&p.stage);
+    let top = path.trim_end_matches('/');
+    let config = format!("{path}config");
+    let (mut metadata, config) = futures::try_join!(list_level(p, top), list_level(p, &config))?;
+    metadata.extend(config);
     let ours_prefix = format!("{}/{}/", p.stack, p.stage);
     let mut found = Vec::new();
     for m in metadata {
@@ -257,6 +278,98 @@ fn generate(prefix: &str, bytes: usize) -> String {
     )
 }
 
+/// Mint the token of runner host `id` into the SecureString `name`, or keep
+/// the one an interrupted launch of the same host already stored there.
+/// Returns the token's SHA-256, the only thing of it boxctl keeps.
+pub async fn mint_runner_token(
+    p: &AwsProvider,
+    ctx: &StepCtx,
+    id: &ResourceId,
+    policy: &stack::Policy,
+    name: &str,
+) -> Result<String, ProviderError> {
+    let owner = format!("{}/{}/{id}", p.stack, p.stage);
+    if let Some(existing) = described(p, id, name).await? {
+        return match existing
+            .description()
+            .and_then(|d| serde_json::from_str::<Marker>(d).ok())
+        {
+            Some(Marker {
+                boxctl,
+                sha256: Some(sha),
+                ..
+            }) if boxctl == owner => Ok(sha),
+            _ => Err(ProviderError::hard(
+                "PutParameter",
+                format!("{id}: the parameter {name} already exists and is not this runner's token"),
+            )
+            .with_hint("delete or rename it (`aws ssm delete-parameter --name …`); boxctl never overwrites a parameter it did not create")),
+        };
+    }
+    let token = generate(protocol::RUNNER_TOKEN_PREFIX, 32);
+    let sha = stack::sha256_hex(&token);
+    let marker = Marker {
+        boxctl: owner,
+        generation: ctx.generation,
+        prefix: Some(protocol::RUNNER_TOKEN_PREFIX.to_string()),
+        bytes: Some(32),
+        sha256: Some(sha.clone()),
+        format: None,
+    };
+    let r =
+        p.c.ssm
+            .put_parameter()
+            .name(name)
+            .value(&token)
+            .r#type(ParameterType::SecureString)
+            .tier(ParameterTier::Standard)
+            .description(serde_json::to_string(&marker).expect("marker serializes"))
+            .set_tags(Some(ssm_tags(p, ctx, id, policy)?))
+            .send()
+            .await;
+    if let Err(e) = r {
+        // Another writer got there between the look and the put: look again.
+        let err = if errors::code_of(&e).as_deref() == Some("ParameterAlreadyExists") {
+            ProviderError::retryable("PutParameter", format!("{id}: {name} appeared meanwhile"))
+        } else {
+            errors::to_provider("PutParameter", id, &e)
+        };
+        return Err(errors::redact(err, &token));
+    }
+    Ok(sha)
+}
+
+/// One parameter's metadata by exact name, if it exists.
+async fn described(
+    p: &AwsProvider,
+    id: &ResourceId,
+    name: &str,
+) -> Result<Option<aws_sdk_ssm::types::ParameterMetadata>, ProviderError> {
+    let r =
+        p.c.ssm
+            .describe_parameters()
+            .parameter_filters(filter("Name", Some("Equals"), name)?)
+            .send()
+            .await
+            .or_fail("DescribeParameters", id)?;
+    Ok(r.parameters.unwrap_or_default().into_iter().next())
+}
+
+/// Delete the parameter `name` of resource `id` (already gone is fine).
+pub async fn delete_named(
+    p: &AwsProvider,
+    id: &ResourceId,
+    name: &str,
+) -> Result<(), ProviderError> {
+    p.c.ssm
+        .delete_parameter()
+        .name(name)
+        .send()
+        .await
+        .or_missing("DeleteParameter", id)?;
+    Ok(())
+}
+
 /// Create a parameter, or generate and store a secret.
 pub async fn create(
     p: &AwsProvider,
@@ -285,7 +398,7 @@ pub async fn create(
             .r#type(ty.clone())
             .tier(ParameterTier::Standard)
             .description(describe(p, ctx, d, secret_sha256.clone()))
-            .set_tags(Some(ssm_tags(p, ctx, d)?))
+            .set_tags(Some(ssm_tags(p, ctx, &d.id, &d.policy)?))
             .send()
             .await;
     if let Err(e) = r {
@@ -301,18 +414,7 @@ pub async fn create(
         return Err(errors::redact(err, &value));
     }
     drop(value);
-    let arn = match p
-        .c
-        .ssm
-        .describe_parameters()
-        .parameter_filters(filter("Name", Some("Equals"), name)?)
-        .send()
-        .await
-        .or_fail("DescribeParameters", id)?
-        .parameters()
-        .first()
-        .and_then(|m| m.arn())
-    {
+    let arn = match described(p, id, name).await?.as_ref().and_then(|m| m.arn()) {
         Some(a) => a.to_string(),
         None => format!(
             "arn:{}:ssm:{}:{}:parameter{name}",
@@ -363,13 +465,7 @@ pub async fn update(
 
 /// Delete a parameter or secret.
 pub async fn delete(p: &AwsProvider, _ctx: &StepCtx, o: &Observed) -> Result<(), ProviderError> {
-    p.c.ssm
-        .delete_parameter()
-        .name(output(o, "name")?)
-        .send()
-        .await
-        .or_missing("DeleteParameter", &o.id)?;
-    Ok(())
+    delete_named(p, &o.id, output(o, "name")?).await
 }
 
 #[cfg(test)]
@@ -393,7 +489,7 @@ mod tests {
     #[test]
     fn markers_name_the_resource_and_never_a_value() {
         let m = Marker {
-            boxctl: "boxlite/prod/secret/runner-1-token".into(),
+            boxctl: "boxlite/prod/runner/runner-1".into(),
             generation: 2,
             prefix: Some("bxr_".into()),
             bytes: Some(32),

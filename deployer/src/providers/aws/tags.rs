@@ -11,6 +11,10 @@ use stack::{Policy, ResourceId, tags};
 pub const NAME: &str = "Name";
 /// SHA-256 of an instance's user data (user data itself is not listed by DescribeInstances).
 pub const USER_DATA_SHA256: &str = "boxctl:user-data-sha256";
+/// SHA-256 of a runner host's token (the token lives in its SSM parameter).
+pub const TOKEN_SHA256: &str = "boxctl:token-sha256";
+/// The SSM parameter holding a runner host's token.
+pub const TOKEN_PARAMETER: &str = "boxctl:token-parameter";
 /// Set once termination protection has been applied to an instance.
 pub const TERMINATION_PROTECTION: &str = "boxctl:termination-protection";
 /// Content digest of a task definition revision.
