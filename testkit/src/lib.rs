@@ -128,6 +128,40 @@ pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// CPU time (user and system) process `pid` has used so far, from
+/// `/proc/<pid>/stat`; zero when it cannot be read.
+pub fn cpu_time_of(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let per_second = u64::try_from(per_second).unwrap_or(100).max(1);
+    Duration::from_micros(ticks * 1_000_000 / per_second)
+}
+
+/// CPU time (user and system) of this process's finished, waited-for children.
+pub fn children_cpu_time() -> Duration {
+    // SAFETY: getrusage writes into the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +185,25 @@ mod tests {
         assert!(wait_for_port(port, Duration::from_secs(2)));
         drop(l);
         assert!(!wait_for_port(port, Duration::from_millis(200)));
+    }
+
+    #[test]
+    fn cpu_time_counts_what_a_process_and_its_children_burn() {
+        let before = cpu_time_of(std::process::id());
+        let t0 = Instant::now();
+        let mut x = 0u64;
+        while t0.elapsed() < Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        assert!(cpu_time_of(std::process::id()) > before);
+        assert_eq!(cpu_time_of(u32::MAX), Duration::ZERO, "no such process");
+
+        let children = children_cpu_time();
+        let status = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"])
+            .status()
+            .expect("run sh");
+        assert!(status.success());
+        assert!(children_cpu_time() > children);
     }
 }

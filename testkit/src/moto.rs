@@ -201,6 +201,12 @@ impl Moto {
         assert_eq!(status, Some(200), "moto reset failed");
     }
 
+    /// CPU time the server has used so far (user and system), from `/proc`.
+    pub fn cpu_time(&self) -> std::time::Duration {
+        let pid = self.guard.lock().unwrap_or_else(|e| e.into_inner()).pid();
+        crate::cpu_time_of(pid)
+    }
+
     /// True while the server process runs.
     pub fn is_running(&self) -> bool {
         self.guard
