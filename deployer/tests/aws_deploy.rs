@@ -590,3 +590,50 @@ fn a_launch_that_fails_after_minting_its_token_keeps_that_token() {
     env.run(&["diff", "--stage", "prod", "--exit-code"])
         .expect(0, "converged");
 }
+
+#[test]
+fn a_duplicate_runner_host_goes_and_the_token_stays_with_the_one_kept() {
+    let env = Env::new();
+    env.run(&["deploy", "--stage", "prod"]).expect(0, "deploy");
+    let c = env.clients();
+    let rt = env.rt();
+    let original = runner_instances(&env)["runner/runner-2"].clone();
+    // A second host with runner-2's identity (what a lost launch answer
+    // could leave on AWS): same tags, same subnet, another address.
+    let d = rt
+        .block_on(c.ec2.describe_instances().instance_ids(&original).send())
+        .unwrap();
+    let inst = &d.reservations()[0].instances()[0];
+    let tags: Vec<aws_sdk_ec2::types::Tag> = inst.tags().to_vec();
+    rt.block_on(
+        c.ec2
+            .run_instances()
+            .image_id(inst.image_id().unwrap())
+            .instance_type(inst.instance_type().unwrap().clone())
+            .subnet_id(inst.subnet_id().unwrap())
+            .min_count(1)
+            .max_count(1)
+            .tag_specifications(
+                aws_sdk_ec2::types::TagSpecification::builder()
+                    .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
+                    .set_tags(Some(tags))
+                    .build(),
+            )
+            .send(),
+    )
+    .unwrap();
+    let token = env.ssm_value("/boxlite/prod/runner-tokens/runner-2");
+
+    let run = env
+        .run(&["deploy", "--stage", "prod", "--yes"])
+        .expect(0, "deploy removing the duplicate");
+    assert!(run.stdout.contains("duplicate"), "{}", run.stdout);
+    assert_eq!(env.inventory(), expected("prod"));
+    // The host kept still has its token, and the registry its digest.
+    assert_eq!(env.ssm_value("/boxlite/prod/runner-tokens/runner-2"), token);
+    let registry: BTreeMap<String, String> =
+        serde_json::from_str(&env.ssm_value("/boxlite/prod/config/runner-token-hashes")).unwrap();
+    assert_eq!(registry["runner-2"], stack::sha256_hex(&token));
+    env.run(&["diff", "--stage", "prod", "--exit-code"])
+        .expect(0, "converged");
+}
