@@ -637,3 +637,142 @@ fn a_duplicate_runner_host_goes_and_the_token_stays_with_the_one_kept() {
     env.run(&["diff", "--stage", "prod", "--exit-code"])
         .expect(0, "converged");
 }
+
+#[test]
+fn a_host_without_its_token_tags_is_retagged_in_place_from_its_token() {
+    let env = Env::new();
+    env.run(&["deploy", "--stage", "prod"]).expect(0, "deploy");
+    let c = env.clients();
+    let rt = env.rt();
+    let instance = runner_instances(&env)["runner/runner-1"].clone();
+    let name = "/boxlite/prod/runner-tokens/runner-1";
+    let token = env.ssm_value(name);
+    let registry = env.ssm_value("/boxlite/prod/config/runner-token-hashes");
+    // As a host launched before hosts owned their tokens looks: no token
+    // tags, and its token marked as the stage secret it used to be.
+    rt.block_on(
+        c.ec2
+            .delete_tags()
+            .resources(&instance)
+            .tags(
+                aws_sdk_ec2::types::Tag::builder()
+                    .key("boxctl:token-sha256")
+                    .build(),
+            )
+            .tags(
+                aws_sdk_ec2::types::Tag::builder()
+                    .key("boxctl:token-parameter")
+                    .build(),
+            )
+            .send(),
+    )
+    .unwrap();
+    let described = rt
+        .block_on(
+            c.ssm
+                .describe_parameters()
+                .parameter_filters(
+                    aws_sdk_ssm::types::ParameterStringFilter::builder()
+                        .key("Name")
+                        .values(name)
+                        .build()
+                        .unwrap(),
+                )
+                .send(),
+        )
+        .unwrap();
+    let mut marker: serde_json::Value =
+        serde_json::from_str(described.parameters()[0].description().unwrap()).unwrap();
+    let owner = marker["boxctl"]
+        .as_str()
+        .unwrap()
+        .replace("runner/runner-1", "secret/runner-1-token");
+    marker["boxctl"] = serde_json::Value::String(owner);
+    rt.block_on(
+        c.ssm
+            .put_parameter()
+            .name(name)
+            .value(&token)
+            .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+            .description(marker.to_string())
+            .overwrite(true)
+            .send(),
+    )
+    .unwrap();
+
+    let diff = env
+        .run(&["diff", "--stage", "prod", "-o", "json"])
+        .expect(0, "diff");
+    let plan: serde_json::Value = serde_json::from_str(&diff.stdout).unwrap();
+    let runner = plan["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "runner/runner-1")
+        .unwrap();
+    assert_eq!(runner["action"], "update", "{runner}");
+    env.run(&["deploy", "--stage", "prod"])
+        .expect(0, "deploy re-tagging the host");
+    // Same host, same token, same registry; the tags are back.
+    assert_eq!(runner_instances(&env)["runner/runner-1"], instance);
+    assert_eq!(env.ssm_value(name), token);
+    assert_eq!(
+        env.ssm_value("/boxlite/prod/config/runner-token-hashes"),
+        registry
+    );
+    let d = rt
+        .block_on(c.ec2.describe_instances().instance_ids(&instance).send())
+        .unwrap();
+    let tags = d.reservations()[0].instances()[0].tags();
+    let sha = stack::sha256_hex(&token);
+    assert!(
+        tags.iter()
+            .any(|t| t.key() == Some("boxctl:token-sha256") && t.value() == Some(sha.as_str())),
+        "{tags:?}"
+    );
+    env.run(&["diff", "--stage", "prod", "--exit-code"])
+        .expect(0, "converged");
+}
+
+#[test]
+fn a_host_whose_token_is_gone_stops_the_deploy_naming_decommission() {
+    let env = Env::new();
+    env.run(&["deploy", "--stage", "prod"]).expect(0, "deploy");
+    let c = env.clients();
+    let rt = env.rt();
+    let instance = runner_instances(&env)["runner/runner-3"].clone();
+    rt.block_on(
+        c.ec2
+            .delete_tags()
+            .resources(&instance)
+            .tags(
+                aws_sdk_ec2::types::Tag::builder()
+                    .key("boxctl:token-parameter")
+                    .build(),
+            )
+            .send(),
+    )
+    .unwrap();
+    rt.block_on(
+        c.ssm
+            .delete_parameter()
+            .name("/boxlite/prod/runner-tokens/runner-3")
+            .send(),
+    )
+    .unwrap();
+    let r = env
+        .run(&["deploy", "--stage", "prod"])
+        .expect(1, "deploy without runner-3's token");
+    for part in [
+        "runner/runner-3",
+        "token parameter /boxlite/prod/runner-tokens/runner-3 is missing",
+        "boxctl decommission runner-3",
+    ] {
+        assert!(r.stderr.contains(part), "{part}: {}", r.stderr);
+    }
+    assert_eq!(
+        runner_instances(&env)["runner/runner-3"],
+        instance,
+        "left alone"
+    );
+}

@@ -633,7 +633,7 @@ async fn protect(
     Ok(())
 }
 
-/// Change a runner host in place (security groups, protection, name).
+/// Change a runner host in place (security groups, protection, name, token tags).
 pub async fn update(
     p: &AwsProvider,
     ctx: &StepCtx,
@@ -644,8 +644,37 @@ pub async fn update(
     let id = &d.id;
     let pr = Props::of(id, &d.props);
     let instance = output(current, "id")?.to_string();
+    let mut outputs = current.outputs.clone();
     for field in changed {
         match field.as_str() {
+            // A host without its token tags (launched before hosts owned
+            // their tokens, or tags removed by hand) is re-tagged from its
+            // token parameter; the token itself never changes in place.
+            "token_parameter" => {
+                let name = pr.str("token_parameter")?;
+                let Some(sha) = super::ssm::runner_token_digest(p, id, name).await? else {
+                    let runner = id.as_str().trim_start_matches("runner/");
+                    return Err(ProviderError::hard(
+                        "DescribeParameters",
+                        format!("{id}: its token parameter {name} is missing, and a running host cannot be given a new token in place"),
+                    )
+                    .with_hint(format!("`boxctl decommission {runner}`, then deploy to launch it afresh with a new token")));
+                };
+                p.c.ec2
+                    .create_tags()
+                    .resources(&instance)
+                    .tags(
+                        Tag::builder()
+                            .key(tags::TOKEN_PARAMETER)
+                            .value(name)
+                            .build(),
+                    )
+                    .tags(Tag::builder().key(tags::TOKEN_SHA256).value(&sha).build())
+                    .send()
+                    .await
+                    .or_fail("CreateTags", id)?;
+                outputs.insert("token_sha256".into(), Value::Str(sha));
+            }
             "termination_protection" => {
                 protect(p, id, &instance, pr.bool("termination_protection")?).await?
             }
@@ -686,7 +715,7 @@ pub async fn update(
             ..ctx.clone()
         },
         d,
-        current.outputs.clone(),
+        outputs,
         current.handle.clone(),
     );
     // Ignored fields keep what the host really has.

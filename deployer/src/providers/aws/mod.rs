@@ -117,9 +117,9 @@ pub const KINDS: &[KindSpec] = &[
         &["name", "cluster", "launch_type"],
         60,
     ),
-    spec(
-        kinds::AWS_INSTANCE,
-        &[
+    KindSpec {
+        kind: kinds::AWS_INSTANCE,
+        replace_on: &[
             "ami",
             "user_data",
             "instance_type",
@@ -127,10 +127,12 @@ pub const KINDS: &[KindSpec] = &[
             "subnet_id",
             "private_ip",
             "instance_profile",
-            "token_parameter",
         ],
-        60,
-    ),
+        order: 60,
+        create_before_delete: false,
+        // Re-tagging a host from its token parameter tells its digest anew.
+        volatile_outputs: &["token_sha256"],
+    },
 ];
 
 /// Properties that are reference sets (maps keyed by resource id), per kind.

@@ -288,24 +288,10 @@ pub async fn mint_runner_token(
     policy: &stack::Policy,
     name: &str,
 ) -> Result<String, ProviderError> {
-    let owner = format!("{}/{}/{id}", p.stack, p.stage);
-    if let Some(existing) = described(p, id, name).await? {
-        return match existing
-            .description()
-            .and_then(|d| serde_json::from_str::<Marker>(d).ok())
-        {
-            Some(Marker {
-                boxctl,
-                sha256: Some(sha),
-                ..
-            }) if boxctl == owner => Ok(sha),
-            _ => Err(ProviderError::hard(
-                "PutParameter",
-                format!("{id}: the parameter {name} already exists and is not this runner's token"),
-            )
-            .with_hint("delete or rename it (`aws ssm delete-parameter --name …`); boxctl never overwrites a parameter it did not create")),
-        };
+    if let Some(sha) = runner_token_digest(p, id, name).await? {
+        return Ok(sha);
     }
+    let owner = format!("{}/{}/{id}", p.stack, p.stage);
     let token = generate(protocol::RUNNER_TOKEN_PREFIX, 32);
     let sha = stack::sha256_hex(&token);
     let marker = Marker {
@@ -337,6 +323,40 @@ pub async fn mint_runner_token(
         return Err(errors::redact(err, &token));
     }
     Ok(sha)
+}
+
+/// The SHA-256 of runner host `id`'s token stored in `name`, from the
+/// parameter's marker; `None` when there is no such parameter, an error when
+/// it is not this runner's. A token minted before hosts owned their tokens
+/// (marked `secret/<runner>-token`) is this runner's too.
+pub async fn runner_token_digest(
+    p: &AwsProvider,
+    id: &ResourceId,
+    name: &str,
+) -> Result<Option<String>, ProviderError> {
+    let Some(existing) = described(p, id, name).await? else {
+        return Ok(None);
+    };
+    let runner = id.as_str().trim_start_matches("runner/");
+    let owners = [
+        format!("{}/{}/{id}", p.stack, p.stage),
+        format!("{}/{}/secret/{runner}-token", p.stack, p.stage),
+    ];
+    match existing
+        .description()
+        .and_then(|d| serde_json::from_str::<Marker>(d).ok())
+    {
+        Some(Marker {
+            boxctl,
+            sha256: Some(sha),
+            ..
+        }) if owners.contains(&boxctl) => Ok(Some(sha)),
+        _ => Err(ProviderError::hard(
+            "PutParameter",
+            format!("{id}: the parameter {name} exists and is not this runner's token"),
+        )
+        .with_hint("delete or rename it (`aws ssm delete-parameter --name …`); boxctl never overwrites a parameter it did not create")),
+    }
 }
 
 /// One parameter's metadata by exact name, if it exists.
