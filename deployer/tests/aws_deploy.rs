@@ -346,6 +346,30 @@ fn destroying_a_non_production_stage_removes_everything_bucket_last() {
 }
 
 #[test]
+fn destroy_also_reclaims_a_token_whose_host_never_launched() {
+    let env = Env::new();
+    env.proxy.answer_next(
+        "RunInstances",
+        1,
+        403,
+        "<Response><Errors><Error><Code>UnauthorizedOperation</Code><Message>You are not authorized to perform this operation.</Message></Error></Errors><RequestID>r-1</RequestID></Response>",
+    );
+    env.run(&["deploy", "--stage", "staging"])
+        .expect(1, "a deploy whose only launch is refused");
+    let before = env.inventory();
+    assert_eq!(
+        before.get(aws_support::RUNNER_TOKEN),
+        Some(&1),
+        "{before:?}"
+    );
+    assert_eq!(before.get(stack::kinds::AWS_INSTANCE), None, "{before:?}");
+    env.run(&["destroy", "--stage", "staging", "--yes"])
+        .expect(0, "destroy");
+    let left = env.inventory();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
 fn destroying_a_production_stage_keeps_its_data_and_what_it_stands_on() {
     let env = Env::new();
     env.run(&["deploy", "--stage", "prod"]).expect(0, "deploy");

@@ -240,9 +240,11 @@ impl AwsProvider {
         s3::ensure(self, d).await
     }
 
-    /// After a successful destroy: delete the stage bucket (every version,
-    /// lock and journal included) unless it is retained. True when deleted.
+    /// After a successful destroy: delete runner tokens no host took, then
+    /// the stage bucket (every version, lock and journal included) unless it
+    /// is retained. True when the bucket was deleted.
     pub async fn finish_destroy(&self, graph: &DesiredGraph) -> Result<bool, ProviderError> {
+        ssm::sweep_runner_tokens(self).await?;
         let declared = graph
             .resources
             .get(&ResourceId::from("bucket/main"))

@@ -359,6 +359,30 @@ pub async fn runner_token_digest(
     }
 }
 
+/// Delete the stage's runner tokens that outlived their hosts (a launch that
+/// failed after minting, its runner then no longer declared). Only `destroy`
+/// calls this, once every host is gone: nothing else lists the tokens.
+pub async fn sweep_runner_tokens(p: &AwsProvider) -> Result<usize, ProviderError> {
+    let folder = format!(
+        "{}{}",
+        stack::resolve::aws::ssm_prefix(&p.stage),
+        stack::resolve::aws::RUNNER_TOKENS
+    );
+    let ours = format!("{}/{}/", p.stack, p.stage);
+    let mut swept = 0;
+    for m in list_level(p, &folder).await? {
+        let owned = m
+            .description()
+            .and_then(|d| serde_json::from_str::<Marker>(d).ok())
+            .is_some_and(|marker| marker.boxctl.starts_with(&ours));
+        if let (true, Some(name)) = (owned, m.name()) {
+            delete_named(p, &ResourceId::new(name), name).await?;
+            swept += 1;
+        }
+    }
+    Ok(swept)
+}
+
 /// One parameter's metadata by exact name, if it exists.
 async fn described(
     p: &AwsProvider,
