@@ -819,3 +819,47 @@ fn without_boxlite_api_key_the_stage_key_is_read_from_ssm() {
     assert_eq!(r.stdout.trim(), "[]", "{}", r.stderr);
     assert!(!r.all().contains(ADMIN_KEY), "the key was printed");
 }
+
+#[test]
+fn decommission_reclaims_the_token_of_a_runner_that_never_launched() {
+    let w = World::new();
+    fake_runner(
+        w.env.dir.path(),
+        "v1",
+        stack::model::defaults::RUNNER_VERSION,
+    );
+    w.publish_and_deploy("v1");
+    // A third runner whose launch is refused after its token was minted.
+    w.env
+        .write_stack(&STACK.replacen("runners = 2", "runners = 3", 1));
+    w.env.proxy.answer_next(
+        "RunInstances",
+        1,
+        403,
+        "<Response><Errors><Error><Code>UnauthorizedOperation</Code><Message>You are not authorized to perform this operation.</Message></Error></Errors><RequestID>r-1</RequestID></Response>",
+    );
+    w.run(&["deploy", "--stage", "dev", "--no-verify"])
+        .expect(1, "a deploy whose launch is refused");
+    let token = "/boxlite/dev/runner-tokens/runner-3";
+    let c = w.env.clients();
+    let rt = w.env.rt();
+    let exists = || {
+        rt.block_on(c.ssm.get_parameter().name(token).send())
+            .is_ok()
+    };
+    assert!(exists(), "the refused runner's token was minted");
+    // The operator gives up on it.
+    w.env.write_stack(STACK);
+    w.run(&["diff", "--stage", "dev", "--exit-code"])
+        .expect(0, "nothing declared is missing");
+    let r = w
+        .run(&["decommission", "runner-3", "--stage", "dev", "--yes"])
+        .expect(0, "decommission");
+    assert!(r.stderr.contains("never launched"), "{}", r.stderr);
+    assert!(!exists(), "the token is deleted");
+    // Nothing left to reclaim.
+    let again = w
+        .run(&["decommission", "runner-3", "--stage", "dev", "--yes"])
+        .expect(1, "decommission again");
+    assert!(again.stderr.contains("no runner"), "{}", again.stderr);
+}

@@ -37,10 +37,12 @@ plane. The operation is journaled like a deploy (`boxctl status`).
 On local, retiring stops the runner process and removes its registration,
 token, configuration and state directory.
 
-On aws, retiring lifts the instance's termination protection
-(ModifyInstanceAttribute DisableApiTermination=false), terminates it
-(TerminateInstances), waits until it is terminated (up to 15 minutes), and
-deletes its token parameter (/boxlite/<stage>/runner-tokens/<runner>). The
+On aws, retiring deletes its token parameter
+(/boxlite/<stage>/runner-tokens/<runner>), lifts the instance's termination
+protection (ModifyInstanceAttribute DisableApiTermination=false), terminates
+it (TerminateInstances) and waits until it is terminated (up to 15 minutes).
+A runner whose launch failed after its token was minted has only the token;
+decommissioning it deletes that. The
 control plane is https://api.<domain> (or BOXLITE_API_URL); its admin key is
 BOXLITE_API_KEY, or else the stage's own from SSM (/boxlite/<stage>/admin-api-key);
 without one nothing is touched.
@@ -279,6 +281,19 @@ async fn locked<P: Provider>(
             .as_ref()
             .is_none_or(|r| r.state == RunnerState::Decommissioned)
     {
+        // A runner whose launch failed after its token was minted has only
+        // the token: nothing else reclaims it once the runner is undeclared.
+        if let Providers::Aws(p) = &target.providers
+            && p.reclaim_runner_token(name)
+                .await
+                .context("reclaiming the runner's token")?
+        {
+            eprintln!(
+                "{} {name} never launched: deleted its token parameter",
+                style.green("✓")
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         bail!(
             "stage {:?} has no runner {name:?} to decommission",
             stage.name

@@ -110,6 +110,11 @@ pub fn ssm_prefix(stage: &str) -> String {
 /// owned by its runner host (not observed as parameters of their own).
 pub const RUNNER_TOKENS: &str = "runner-tokens";
 
+/// The SSM parameter holding runner `runner`'s token on stage `stage`.
+pub fn runner_token_parameter(stage: &str, runner: &str) -> String {
+    format!("{}{RUNNER_TOKENS}/{runner}", ssm_prefix(stage))
+}
+
 /// JSON text with object keys sorted, pretty-printed: the form in which
 /// policies and container definitions are compared and shown as diffs.
 pub fn canonical_json(v: &serde_json::Value) -> String {
@@ -1244,7 +1249,7 @@ fn runners(c: &Ctx<'_>, g: &mut DesiredGraph) -> Result<(), ResolveError> {
             .runner_address(n)
             .expect("validated: a runner subnet holds the largest runner count");
         let zone_letter = ["a", "b"][zone];
-        let token_parameter = c.ssm(&format!("{RUNNER_TOKENS}/{name}"));
+        let token_parameter = runner_token_parameter(&c.stage.name, &name);
         let mut vars: BTreeMap<&str, String> = BTreeMap::from([
             ("name", name.clone()),
             ("stage", c.stage.name.clone()),

@@ -257,6 +257,18 @@ impl AwsProvider {
         Ok(true)
     }
 
+    /// Delete the token of `runner` when no host of it exists (its launch
+    /// failed after minting). True when there was such a token.
+    pub async fn reclaim_runner_token(&self, runner: &str) -> Result<bool, ProviderError> {
+        let id = ResourceId::new(format!("runner/{runner}"));
+        let name = stack::resolve::aws::runner_token_parameter(&self.stage, runner);
+        if ssm::runner_token_digest(self, &id, &name).await?.is_none() {
+            return Ok(false);
+        }
+        ssm::delete_named(self, &id, &name).await?;
+        Ok(true)
+    }
+
     /// The identity tags for a resource being created or tagged.
     pub(crate) fn tags_for(
         &self,
