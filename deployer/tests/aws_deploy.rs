@@ -42,8 +42,7 @@ fn a_prod_stage_deploys_from_empty_and_reruns_change_nothing() {
     // token, and the API reads it at start.
     let c = env.clients();
     let rt = env.rt();
-    let registry: BTreeMap<String, String> =
-        serde_json::from_str(&env.ssm_value("/boxlite/prod/config/runner-token-hashes")).unwrap();
+    let registry = env.registry("prod");
     assert_eq!(registry.len(), 3, "{registry:?}");
     for (name, hash) in &registry {
         let token = env.ssm_value(&format!("/boxlite/prod/runner-tokens/{name}"));
@@ -348,12 +347,7 @@ fn destroying_a_non_production_stage_removes_everything_bucket_last() {
 #[test]
 fn destroy_also_reclaims_a_token_whose_host_never_launched() {
     let env = Env::new();
-    env.proxy.answer_next(
-        "RunInstances",
-        1,
-        403,
-        "<Response><Errors><Error><Code>UnauthorizedOperation</Code><Message>You are not authorized to perform this operation.</Message></Error></Errors><RequestID>r-1</RequestID></Response>",
-    );
+    env.refuse_next_launch();
     env.run(&["deploy", "--stage", "staging"])
         .expect(1, "a deploy whose only launch is refused");
     let before = env.inventory();
@@ -528,8 +522,7 @@ fn a_new_runner_mints_its_token_and_the_api_restarts_to_register_it() {
     env.run(&["deploy", "--stage", "prod"]).expect(0, "deploy");
     // One more runner: its host mints a token, the registry gains its
     // digest and the API tasks restart to read it.
-    let before: BTreeMap<String, String> =
-        serde_json::from_str(&env.ssm_value("/boxlite/prod/config/runner-token-hashes")).unwrap();
+    let before = env.registry("prod");
     env.write_stack(&STACK.replacen("runners = 3", "runners = 4", 1));
     env.proxy.reset_counts();
     let run = env
@@ -546,8 +539,7 @@ fn a_new_runner_mints_its_token_and_the_api_restarts_to_register_it() {
     assert_eq!(actions.get("RunInstances"), Some(&1), "{actions:?}");
     assert_eq!(actions.get("UpdateService"), Some(&1), "{actions:?}");
     assert_eq!(actions.get("TagResource"), Some(&1), "{actions:?}");
-    let after: BTreeMap<String, String> =
-        serde_json::from_str(&env.ssm_value("/boxlite/prod/config/runner-token-hashes")).unwrap();
+    let after = env.registry("prod");
     let token = env.ssm_value("/boxlite/prod/runner-tokens/runner-4");
     assert_eq!(after["runner-4"], stack::sha256_hex(&token));
     // The others keep their tokens.
@@ -563,12 +555,7 @@ fn a_new_runner_mints_its_token_and_the_api_restarts_to_register_it() {
 fn a_launch_that_fails_after_minting_its_token_keeps_that_token() {
     let env = Env::new();
     // One launch is refused after its host's token is stored.
-    env.proxy.answer_next(
-        "RunInstances",
-        1,
-        403,
-        "<Response><Errors><Error><Code>UnauthorizedOperation</Code><Message>You are not authorized to perform this operation.</Message></Error></Errors><RequestID>r-1</RequestID></Response>",
-    );
+    env.refuse_next_launch();
     let failed = env
         .run(&["deploy", "--stage", "prod"])
         .expect(1, "a deploy with a refused launch");
@@ -601,8 +588,7 @@ fn a_launch_that_fails_after_minting_its_token_keeps_that_token() {
         .expect(0, "the deploy after");
     assert_eq!(env.inventory(), expected("prod"));
     // Every token is the one first stored, and the registry holds its digest.
-    let registry: BTreeMap<String, String> =
-        serde_json::from_str(&env.ssm_value("/boxlite/prod/config/runner-token-hashes")).unwrap();
+    let registry = env.registry("prod");
     for (name, token) in &tokens {
         assert_eq!(
             &env.ssm_value(&format!("/boxlite/prod/runner-tokens/{name}")),
@@ -655,8 +641,7 @@ fn a_duplicate_runner_host_goes_and_the_token_stays_with_the_one_kept() {
     assert_eq!(env.inventory(), expected("prod"));
     // The host kept still has its token, and the registry its digest.
     assert_eq!(env.ssm_value("/boxlite/prod/runner-tokens/runner-2"), token);
-    let registry: BTreeMap<String, String> =
-        serde_json::from_str(&env.ssm_value("/boxlite/prod/config/runner-token-hashes")).unwrap();
+    let registry = env.registry("prod");
     assert_eq!(registry["runner-2"], stack::sha256_hex(&token));
     env.run(&["diff", "--stage", "prod", "--exit-code"])
         .expect(0, "converged");

@@ -159,6 +159,18 @@ impl World {
         ])
     }
 
+    /// A world whose stage is deployed with a published runner `v1`.
+    fn deployed() -> World {
+        let w = World::new();
+        fake_runner(
+            w.env.dir.path(),
+            "v1",
+            stack::model::defaults::RUNNER_VERSION,
+        );
+        w.publish_and_deploy("v1");
+        w
+    }
+
     /// Publish `name`, then deploy the stage (no post-deploy check).
     fn publish_and_deploy(&self, name: &str) {
         self.publish(name).expect(0, "publish");
@@ -608,10 +620,7 @@ fn lifecycle_commands_need_the_admin_key_before_touching_anything() {
 #[test]
 fn decommission_drains_refuses_with_boxes_then_terminates_deregisters_and_the_next_deploy_plans_it_fresh()
  {
-    let w = World::new();
-    let dir = w.env.dir.path();
-    fake_runner(dir, "v1", stack::model::defaults::RUNNER_VERSION);
-    w.publish_and_deploy("v1");
+    let w = World::deployed();
     let before = runner_instances(&w.env);
     let t1 = w.register("runner-1");
     let t2 = w.register("runner-2");
@@ -792,13 +801,7 @@ fn decommission_drains_refuses_with_boxes_then_terminates_deregisters_and_the_ne
 
 #[test]
 fn without_boxlite_api_key_the_stage_key_is_read_from_ssm() {
-    let w = World::new();
-    fake_runner(
-        w.env.dir.path(),
-        "v1",
-        stack::model::defaults::RUNNER_VERSION,
-    );
-    w.publish_and_deploy("v1");
+    let w = World::deployed();
     // The deployed stage's generated key, made the one this control plane knows.
     let c = w.env.clients();
     w.env
@@ -822,22 +825,11 @@ fn without_boxlite_api_key_the_stage_key_is_read_from_ssm() {
 
 #[test]
 fn decommission_reclaims_the_token_of_a_runner_that_never_launched() {
-    let w = World::new();
-    fake_runner(
-        w.env.dir.path(),
-        "v1",
-        stack::model::defaults::RUNNER_VERSION,
-    );
-    w.publish_and_deploy("v1");
+    let w = World::deployed();
     // A third runner whose launch is refused after its token was minted.
     w.env
         .write_stack(&STACK.replacen("runners = 2", "runners = 3", 1));
-    w.env.proxy.answer_next(
-        "RunInstances",
-        1,
-        403,
-        "<Response><Errors><Error><Code>UnauthorizedOperation</Code><Message>You are not authorized to perform this operation.</Message></Error></Errors><RequestID>r-1</RequestID></Response>",
-    );
+    w.env.refuse_next_launch();
     w.run(&["deploy", "--stage", "dev", "--no-verify"])
         .expect(1, "a deploy whose launch is refused");
     let token = "/boxlite/dev/runner-tokens/runner-3";

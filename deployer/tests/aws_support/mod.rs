@@ -210,6 +210,22 @@ impl Env {
         r.parameter().unwrap().value().unwrap().to_string()
     }
 
+    /// The runner registry of `stage`: runner name → SHA-256 of its token.
+    pub fn registry(&self, stage: &str) -> BTreeMap<String, String> {
+        let text = self.ssm_value(&format!("/boxlite/{stage}/config/runner-token-hashes"));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("registry {text}: {e}"))
+    }
+
+    /// Refuse the next runner launch as AWS refuses a missing permission.
+    pub fn refuse_next_launch(&self) {
+        self.proxy.answer_next(
+            "RunInstances",
+            1,
+            403,
+            "<Response><Errors><Error><Code>UnauthorizedOperation</Code><Message>You are not authorized to perform this operation.</Message></Error></Errors><RequestID>r-1</RequestID></Response>",
+        );
+    }
+
     /// Count what exists in moto, per kind.
     pub fn inventory(&self) -> BTreeMap<&'static str, usize> {
         let c = self.clients();
