@@ -361,25 +361,28 @@ async fn run<P: Provider>(
     let style = Style::stderr(color);
     let store = Arc::clone(&target.store);
     let holder = Holder::current(command);
-    let lock = lock::acquire(
+    // Held, its lease renewed, from here to the end: observing, planning and
+    // confirming can outlast one lease. Losing it cancels the apply.
+    let cancel = CancellationToken::new();
+    let held = lock::acquire(
         Arc::clone(&store),
         Arc::new(SystemClock),
         LockRequest {
             stack: &graph.stack,
             stage: &graph.stage,
             holder: holder.clone(),
-            lease: Duration::from_secs(60),
+            lease: lock::LEASE,
             wait: args.lock_timeout,
         },
         |held| eprintln!("waiting for the deploy lock, held by {}", held.describe()),
     )
-    .await?;
-    let lock = Arc::new(lock);
+    .await?
+    .hold(cancel.clone());
     let result = locked(
-        p, target, &mut graph, mode, command, holder, args, &style, &style_out, &lock,
+        p, target, &mut graph, mode, command, holder, args, &style, &style_out, &cancel,
     )
     .await;
-    if let Err(e) = lock.release().await {
+    if let Err(e) = held.release().await {
         eprintln!(
             "{} could not release the deploy lock: {e}",
             style.yellow("warning:")
@@ -399,7 +402,7 @@ async fn locked<P: Provider>(
     args: &ApplyArgs,
     style: &Style,
     style_out: &Style,
-    lock: &Arc<lock::Lock>,
+    cancel: &CancellationToken,
 ) -> anyhow::Result<(ExitCode, bool)> {
     let store = Arc::clone(&target.store);
     let mut notes = Vec::new();
@@ -465,9 +468,9 @@ async fn locked<P: Provider>(
     let journal = Journal::start(Arc::clone(&store), &pl, command, holder, notes)
         .await
         .context("writing the journal")?;
-    let cancel = CancellationToken::new();
-    let stop_renewal = CancellationToken::new();
-    let renewal = lock.keep_alive(stop_renewal.clone(), cancel.clone());
+    if cancel.is_cancelled() {
+        bail!("the deploy lock was taken over while planning; nothing was changed");
+    }
     let signals = on_interrupt(cancel.clone(), *style);
     let opts = ApplyOptions {
         parallelism: usize::from(args.parallelism),
@@ -482,12 +485,10 @@ async fn locked<P: Provider>(
         Some(&journal),
         &opts,
         &printer,
-        &cancel,
+        cancel,
     )
     .await;
     signals.abort();
-    stop_renewal.cancel();
-    let _ = renewal.await;
     if let Err(e) = journal.finish(report.status, report.outputs.clone()).await {
         eprintln!(
             "{} could not write the journal: {e}",

@@ -197,23 +197,20 @@ pub async fn run(
     let target = context::target(&loaded, &stage, endpoint).await?;
     let command = format!("boxctl decommission {} --stage {}", a.runner, stage.name);
     let holder = Holder::current(&command);
-    let lock = Arc::new(
-        lock::acquire(
-            Arc::clone(&target.store),
-            Arc::new(SystemClock),
-            LockRequest {
-                stack: &loaded.stack.name,
-                stage: &stage.name,
-                holder: holder.clone(),
-                lease: Duration::from_secs(60),
-                wait: Duration::ZERO,
-            },
-            |_| {},
-        )
-        .await?,
-    );
-    let stop = tokio_util::sync::CancellationToken::new();
-    let renewal = lock.keep_alive(stop.clone(), tokio_util::sync::CancellationToken::new());
+    let held = lock::acquire(
+        Arc::clone(&target.store),
+        Arc::new(SystemClock),
+        LockRequest {
+            stack: &loaded.stack.name,
+            stage: &stage.name,
+            holder: holder.clone(),
+            lease: lock::LEASE,
+            wait: Duration::ZERO,
+        },
+        |_| {},
+    )
+    .await?
+    .hold(tokio_util::sync::CancellationToken::new());
     let result = match &target.providers {
         Providers::Local(p) => {
             locked(
@@ -236,9 +233,7 @@ pub async fn run(
             .await
         }
     };
-    stop.cancel();
-    let _ = renewal.await;
-    lock.release().await?;
+    held.release().await?;
     result
 }
 

@@ -340,22 +340,20 @@ async fn upgrade(
     let store = Arc::clone(&target.store);
     let command = format!("boxctl runner upgrade --stage {}", stage.name);
     let holder = Holder::current(&command);
-    let lock = lock::acquire(
+    let held = lock::acquire(
         Arc::clone(&store),
         Arc::new(SystemClock),
         LockRequest {
             stack: &loaded.stack.name,
             stage: &stage.name,
             holder: holder.clone(),
-            lease: Duration::from_secs(60),
+            lease: lock::LEASE,
             wait: Duration::ZERO,
         },
         |_| {},
     )
-    .await?;
-    let lock = Arc::new(lock);
-    let stop = tokio_util::sync::CancellationToken::new();
-    let renewal = lock.keep_alive(stop.clone(), tokio_util::sync::CancellationToken::new());
+    .await?
+    .hold(tokio_util::sync::CancellationToken::new());
 
     // The journal records the rollout like a plan: one update per runner.
     let plan = Plan {
@@ -447,9 +445,7 @@ async fn upgrade(
         anyhow::Ok(results)
     }
     .await;
-    stop.cancel();
-    let _ = renewal.await;
-    lock.release().await?;
+    held.release().await?;
     let results = rolled?;
     let failed = results
         .iter()

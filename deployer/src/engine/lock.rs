@@ -18,6 +18,9 @@ use super::store::{Condition, Etag, StateStore, StoreError};
 /// Object key of the lock in the stage's store.
 pub const LOCK_KEY: &str = "lock.json";
 
+/// Lease of a command's lock; renewed every third of it while held.
+pub const LEASE: Duration = Duration::from_secs(60);
+
 /// Who holds a lock.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
@@ -316,9 +319,23 @@ impl Lock {
         }
     }
 
+    /// Hold the lock from now until [`Held::release`]: its lease is renewed
+    /// in the background; if it is lost, `lost` is cancelled so the holder
+    /// stops scheduling work.
+    pub fn hold(self, lost: CancellationToken) -> Held {
+        let lock = Arc::new(self);
+        let stop = CancellationToken::new();
+        let renewal = lock.keep_alive(stop.clone(), lost);
+        Held {
+            lock,
+            stop,
+            renewal,
+        }
+    }
+
     /// Renew the lease every third of its length until `stop` is cancelled; if
-    /// the lock is lost, cancel `lost` so the apply stops scheduling work.
-    pub fn keep_alive(
+    /// the lock is lost, cancel `lost`.
+    fn keep_alive(
         self: &Arc<Self>,
         stop: CancellationToken,
         lost: CancellationToken,
@@ -343,6 +360,27 @@ impl Lock {
                 }
             }
         })
+    }
+}
+
+/// A lock whose lease is being renewed, until it is released.
+pub struct Held {
+    lock: Arc<Lock>,
+    stop: CancellationToken,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+impl Held {
+    /// The lock document as last written.
+    pub fn info(&self) -> LockInfo {
+        self.lock.info()
+    }
+
+    /// Stop renewing and give the lock back.
+    pub async fn release(self) -> Result<(), LockError> {
+        self.stop.cancel();
+        let _ = self.renewal.await;
+        self.lock.release().await
     }
 }
 
@@ -483,5 +521,43 @@ mod tests {
         .unwrap();
         assert_eq!(waited_for.as_deref(), Some("alice"));
         assert_eq!(second.info().holder.user, "bob");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_lock_outlives_its_first_lease_and_tells_when_it_is_lost() {
+        let store: Arc<dyn StateStore> = Arc::new(MemoryStore::default());
+        let t0 = OffsetDateTime::now_utc();
+        let manual = Arc::new(ManualClock(Mutex::new(t0)));
+        let clock: Arc<dyn Clock> = manual.clone();
+        let set = |secs: i64| *manual.0.lock().unwrap() = t0 + time::Duration::seconds(secs);
+        let lost = CancellationToken::new();
+        let held = acquire(store.clone(), clock.clone(), req("dev", "alice"), |_| {})
+            .await
+            .unwrap()
+            .hold(lost.clone());
+        // A renewal (every 20 s) at 50 s carries the lease past 60 s.
+        set(50);
+        tokio::time::sleep(Duration::from_secs(21)).await;
+        set(90);
+        let err = acquire(store.clone(), clock.clone(), req("dev", "bob"), |_| {})
+            .await
+            .err()
+            .expect("still held at 90 s");
+        assert!(err.to_string().contains("alice"), "{err}");
+        assert!(!lost.is_cancelled());
+        // Once the lease runs out for real, bob takes it over and alice learns it.
+        set(200);
+        let bob = acquire(store.clone(), clock.clone(), req("dev", "bob"), |_| {})
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(21)).await;
+        assert!(lost.is_cancelled());
+        held.release().await.unwrap();
+        let (now, _) = read(store.as_ref())
+            .await
+            .unwrap()
+            .expect("bob's lock stays");
+        assert_eq!(now.holder.user, "bob");
+        assert_eq!(bob.info().holder.user, "bob");
     }
 }
