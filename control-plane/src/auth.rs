@@ -69,15 +69,16 @@ pub struct Admin(pub Member);
 #[derive(Clone, Debug)]
 pub struct RunnerCaller(pub RunnerIdentity);
 
+/// Why a runner token is refused outside the runner endpoints.
+const RUNNER_ONLY: &str = "runner tokens may only call the runner endpoints";
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
         match authenticate(state, parts).await? {
             Principal::Member(m) => Ok(Caller(m)),
-            Principal::Runner(_) => Err(Error::forbidden(
-                "runner tokens may only call the runner endpoints",
-            )),
+            Principal::Runner(_) => Err(Error::forbidden(RUNNER_ONLY)),
         }
     }
 }
@@ -91,9 +92,7 @@ impl FromRequestParts<AppState> for Admin {
             Principal::Member(_) => Err(Error::forbidden(
                 "the admin API needs a key or user of the admin organization",
             )),
-            Principal::Runner(_) => Err(Error::forbidden(
-                "runner tokens may only call the runner endpoints",
-            )),
+            Principal::Runner(_) => Err(Error::forbidden(RUNNER_ONLY)),
         }
     }
 }

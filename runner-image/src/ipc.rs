@@ -25,10 +25,10 @@ use tokio::net::UnixStream;
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Frame kind: JSON message.
 pub const JSON: u8 = 0;
-/// Frame kind: standard output bytes (same value as [`protocol::STDOUT`]).
-pub const STDOUT: u8 = 1;
-/// Frame kind: standard error bytes (same value as [`protocol::STDERR`]).
-pub const STDERR: u8 = 2;
+/// Frame kind: standard output bytes (the API's stream tag).
+pub const STDOUT: u8 = protocol::STDOUT;
+/// Frame kind: standard error bytes (the API's stream tag).
+pub const STDERR: u8 = protocol::STDERR;
 /// Frame kind: standard input bytes.
 pub const STDIN: u8 = 3;
 /// Largest payload of one frame.

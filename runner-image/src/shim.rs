@@ -451,21 +451,7 @@ async fn read_output(s: Rc<Session>, kind: u8, fd: Rc<AsyncFd<OwnedFd>>) {
             Ok(g) => g,
             Err(_) => break,
         };
-        match guard.try_io(|inner| {
-            // SAFETY: valid descriptor and buffer.
-            let n = unsafe {
-                libc::read(
-                    inner.get_ref().as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
-            };
-            if n < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        }) {
+        match guard.try_io(|inner| Ok(nix::unistd::read(inner.get_ref(), &mut buf)?)) {
             Ok(Ok(0)) => break,
             Ok(Ok(n)) => {
                 s.buf.borrow_mut().push_back((kind, buf[..n].to_vec()));
@@ -484,21 +470,7 @@ async fn read_output(s: Rc<Session>, kind: u8, fd: Rc<AsyncFd<OwnedFd>>) {
 async fn write_fd(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> std::io::Result<()> {
     while !data.is_empty() {
         let mut guard = fd.writable().await?;
-        match guard.try_io(|inner| {
-            // SAFETY: valid descriptor and buffer.
-            let n = unsafe {
-                libc::write(
-                    inner.get_ref().as_raw_fd(),
-                    data.as_ptr().cast(),
-                    data.len(),
-                )
-            };
-            if n < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        }) {
+        match guard.try_io(|inner| Ok(nix::unistd::write(inner.get_ref(), data)?)) {
             Ok(Ok(n)) => data = &data[n..],
             Ok(Err(e)) => return Err(e),
             Err(_would_block) => continue,
