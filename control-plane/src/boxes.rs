@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use protocol::{BoxInfo, BoxPage, BoxState, CreateBoxRequest, Resources};
+use protocol::{BoxInfo, BoxPage, BoxState, CreateBoxRequest, Ipv4Cidr, NetworkMode, Resources};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 use uuid::Uuid;
@@ -68,7 +68,7 @@ pub fn parse_state(s: &str) -> Option<BoxState> {
 
 /// Columns read by [`box_from_row`] (boxes `b` joined with runners `r`).
 pub const BOX_COLS: &str = "b.id, b.organization_id, r.name AS runner_name, b.image, b.cpu, b.memory, b.disk, \
-    b.labels, b.network, b.state, b.desired_state, b.error, b.created_at, b.updated_at";
+    b.labels, b.network, b.egress_allow, b.state, b.desired_state, b.error, b.created_at, b.updated_at";
 /// FROM clause matching [`BOX_COLS`].
 pub const BOX_FROM: &str = "boxes b JOIN runners r ON r.id = b.runner_id";
 
@@ -92,11 +92,27 @@ pub fn box_from_row(r: &AnyRow) -> Result<BoxInfo> {
             disk_mib: get_u64(r, "disk")?,
         },
         labels: serde_json::from_str(&labels).map_err(Error::internal)?,
-        network: get_flag(r, "network")?,
+        network: network_mode(r)?,
+        egress_allow: egress_allow(r)?,
         error: r.try_get("error")?,
         created_at: from_millis(r.try_get("created_at")?),
         updated_at: from_millis(r.try_get("updated_at")?),
     })
+}
+
+/// The `network` column: 0 none, 1 egress.
+pub fn network_mode(r: &AnyRow) -> Result<NetworkMode> {
+    Ok(if get_flag(r, "network")? {
+        NetworkMode::Egress
+    } else {
+        NetworkMode::None
+    })
+}
+
+/// The `egress_allow` column: a JSON array of CIDR blocks.
+pub fn egress_allow(r: &AnyRow) -> Result<Vec<Ipv4Cidr>> {
+    let text: String = r.try_get("egress_allow")?;
+    serde_json::from_str(&text).map_err(Error::internal)
 }
 
 /// A create request with defaults applied and every field checked.
@@ -110,8 +126,10 @@ pub struct ValidBox {
     pub env: BTreeMap<String, String>,
     /// Labels.
     pub labels: BTreeMap<String, String>,
-    /// Network access.
-    pub network: bool,
+    /// Network mode.
+    pub network: NetworkMode,
+    /// Private destinations the box may reach (egress).
+    pub egress_allow: Vec<Ipv4Cidr>,
 }
 
 fn in_range(name: &str, v: u64, (lo, hi): (u64, u64)) -> Result<u64> {
@@ -124,8 +142,12 @@ fn in_range(name: &str, v: u64, (lo, hi): (u64, u64)) -> Result<u64> {
     Ok(v)
 }
 
-/// Check a create request and apply defaults.
-pub fn validate(req: &CreateBoxRequest) -> Result<ValidBox> {
+/// Most entries of a box's egress allow-list.
+pub const MAX_EGRESS_ALLOW: usize = 64;
+
+/// Check a create request and apply defaults; `egress_ceiling` is the
+/// stage's egress allow-list, which a box's own must lie within.
+pub fn validate(req: &CreateBoxRequest, egress_ceiling: &[Ipv4Cidr]) -> Result<ValidBox> {
     let image = req
         .image
         .clone()
@@ -192,12 +214,45 @@ pub fn validate(req: &CreateBoxRequest) -> Result<ValidBox> {
     for (k, v) in &req.labels {
         validate_label(k, v)?;
     }
+    if !req.egress_allow.is_empty() && !req.network.is_egress() {
+        return Err(Error::bad_request(
+            "invalid_network",
+            "egress_allow needs \"network\": \"egress\"",
+        ));
+    }
+    if req.egress_allow.len() > MAX_EGRESS_ALLOW {
+        return Err(Error::bad_request(
+            "invalid_network",
+            format!("egress_allow has more than {MAX_EGRESS_ALLOW} entries"),
+        ));
+    }
+    let outside = protocol::net::outside_of(&req.egress_allow, egress_ceiling);
+    if !outside.is_empty() {
+        let list: Vec<String> = outside.iter().map(|c| c.to_string()).collect();
+        return Err(Error::bad_request(
+            "egress_not_allowed",
+            format!(
+                "egress_allow {} is outside this stage's egress allow-list{}",
+                list.join(", "),
+                if egress_ceiling.is_empty() {
+                    " (which is empty)".to_string()
+                } else {
+                    let c: Vec<String> = egress_ceiling.iter().map(|c| c.to_string()).collect();
+                    format!(" ({})", c.join(", "))
+                }
+            ),
+        ));
+    }
+    let mut egress_allow = req.egress_allow.clone();
+    egress_allow.sort();
+    egress_allow.dedup();
     Ok(ValidBox {
         image,
         resources,
         env: req.env.clone(),
         labels: req.labels.clone(),
         network: req.network,
+        egress_allow,
     })
 }
 
@@ -223,8 +278,9 @@ fn validate_label(k: &str, v: &str) -> Result<()> {
 
 /// Create a box in `org_id`: place it on a runner and record it, atomically.
 pub async fn create(state: &AppState, org_id: Uuid, req: &CreateBoxRequest) -> Result<BoxInfo> {
-    let spec = validate(req)?;
+    let spec = validate(req, &state.config.egress_allow)?;
     let env_json = serde_json::to_string(&spec.env).map_err(Error::internal)?;
+    let allow_json = serde_json::to_string(&spec.egress_allow).map_err(Error::internal)?;
     let labels_json = serde_json::to_string(&spec.labels).map_err(Error::internal)?;
     let id = Uuid::now_v7();
     let info = retry(|| async {
@@ -268,8 +324,8 @@ pub async fn create(state: &AppState, org_id: Uuid, req: &CreateBoxRequest) -> R
             }
             sqlx::query(
                 "INSERT INTO boxes (id, organization_id, runner_id, image, cpu, memory, disk, env, labels, network, \
-                 state, desired_state, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'pending', 'running', $11, $11)",
+                 egress_allow, state, desired_state, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'pending', 'running', $12, $12)",
             )
             .bind(id.to_string())
             .bind(org_id.to_string())
@@ -280,7 +336,8 @@ pub async fn create(state: &AppState, org_id: Uuid, req: &CreateBoxRequest) -> R
             .bind(to_i64(spec.resources.disk_mib))
             .bind(&env_json)
             .bind(&labels_json)
-            .bind(i64::from(spec.network))
+            .bind(i64::from(spec.network.is_egress()))
+            .bind(&allow_json)
             .bind(now)
             .execute(&mut *tx)
             .await?;
@@ -303,6 +360,7 @@ pub async fn create(state: &AppState, org_id: Uuid, req: &CreateBoxRequest) -> R
                 resources: spec.resources,
                 labels: spec.labels.clone(),
                 network: spec.network,
+                egress_allow: spec.egress_allow.clone(),
                 error: None,
                 created_at: from_millis(now),
                 updated_at: from_millis(now),
@@ -614,13 +672,13 @@ mod tests {
 
     #[test]
     fn create_requests_are_checked() {
-        let ok = validate(&CreateBoxRequest::default()).unwrap();
+        let ok = validate(&CreateBoxRequest::default(), &[]).unwrap();
         assert_eq!(ok.image, DEFAULT_IMAGE);
         assert_eq!(ok.resources.cpu_millicores, DEFAULT_CPU_MILLICORES);
         let bad = |f: &dyn Fn(&mut CreateBoxRequest)| {
             let mut r = CreateBoxRequest::default();
             f(&mut r);
-            validate(&r).unwrap_err().code
+            validate(&r, &[]).unwrap_err().code
         };
         assert_eq!(bad(&|r| r.image = Some("../etc".into())), "invalid_image");
         assert_eq!(bad(&|r| r.image = Some(String::new())), "invalid_image");

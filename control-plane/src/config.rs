@@ -92,6 +92,9 @@ pub struct Config {
     /// Runners registered at start: name → SHA-256 (hex) of its token
     /// (`BOXLITE_RUNNER_TOKEN_HASHES`, a JSON object; set by boxctl on aws).
     pub declared_runners: BTreeMap<String, String>,
+    /// The stage's egress allow-list: private destinations a box may ask to
+    /// reach (`egress_allow`, or `BOXLITE_EGRESS_ALLOW`, comma-separated CIDRs).
+    pub egress_allow: Vec<protocol::Ipv4Cidr>,
 }
 
 /// Default listen address.
@@ -115,6 +118,7 @@ struct FileConfig {
     runner_healthcheck_interval_secs: Option<u64>,
     log_format: Option<LogFormat>,
     oidc: Option<FileOidc>,
+    egress_allow: Option<Vec<protocol::Ipv4Cidr>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -158,6 +162,7 @@ impl Config {
             oidc: None,
             log_format: LogFormat::Text,
             declared_runners: BTreeMap::new(),
+            egress_allow: Vec::new(),
         }
     }
 
@@ -303,8 +308,19 @@ impl Config {
             Some(text) => parse_declared_runners(&text)?,
         };
 
+        let egress_allow = match env("BOXLITE_EGRESS_ALLOW") {
+            Some(v) => v
+                .split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(|c| c.parse().map_err(|e| anyhow!("BOXLITE_EGRESS_ALLOW: {e}")))
+                .collect::<Result<Vec<protocol::Ipv4Cidr>>>()?,
+            None => file.egress_allow.unwrap_or_default(),
+        };
+
         Ok(Config {
             declared_runners,
+            egress_allow,
             listen,
             public_url,
             database_url: Secret::new(database_url),

@@ -59,6 +59,15 @@ impl ApiSchema for String {
         json!({ "type": "string" })
     }
 }
+impl ApiSchema for Ipv4Cidr {
+    fn schema(_: &mut Registry) -> Value {
+        json!({
+            "type": "string",
+            "description": "An IPv4 network `a.b.c.d/n` without host bits (a bare address is a /32).",
+            "pattern": "^[0-9]{1,3}(\\.[0-9]{1,3}){3}(/[0-9]{1,2})?$",
+        })
+    }
+}
 impl ApiSchema for bool {
     fn schema(_: &mut Registry) -> Value {
         json!({ "type": "boolean" })
@@ -254,6 +263,11 @@ api_object!(ControlPlaneHealth as "ControlPlaneHealth", "Answer of GET /api/heal
     req database: bool => "Whether the database answered.",
 });
 
+api_enum!(NetworkMode as "NetworkMode", "How a box reaches the network; every box has a network namespace of its own, and nothing of the host is reachable from it." {
+    None = "none" => "loopback only",
+    Egress = "egress" => "outbound IPv4 through the runner's NAT, minus its deny list (host, link-local, private ranges, other boxes), plus the box's `egress_allow`",
+});
+
 api_enum!(BoxState as "BoxState", "Lifecycle state of a box." {
     Pending = "pending" => "placed on a runner, not yet created there",
     Stopped = "stopped" => "its root filesystem exists; not running",
@@ -275,7 +289,8 @@ api_object!(BoxSpec as "BoxSpec", "Everything a runner needs to create a box." {
     req image: String => "Image name in the runner's image store (`default` is always present).",
     req resources: Resources => "Limits.",
     opt env: BTreeMap<String, String> => "Environment of every process in the box.",
-    opt network: bool => "Network access (off by default: only a loopback interface).",
+    opt network: NetworkMode => "Network mode (`none` by default: only a loopback interface).",
+    opt egress_allow: Vec<Ipv4Cidr> => "Private destinations an `egress` box may reach, within the stage's allow-list.",
 });
 
 api_object!(CreateBoxRequest as "CreateBoxRequest", "Body of POST /api/boxes." {
@@ -285,7 +300,8 @@ api_object!(CreateBoxRequest as "CreateBoxRequest", "Body of POST /api/boxes." {
     opt disk_mib: Option<u64> => "Disk, MiB (64-67108864); 4096 when absent.",
     opt env: BTreeMap<String, String> => "Environment (names [A-Za-z_][A-Za-z0-9_]*).",
     opt labels: BTreeMap<String, String> => "Labels for filtering (keys: 1-63 of letters, digits, . _ - /).",
-    opt network: bool => "Network access.",
+    opt network: NetworkMode => "Network mode; the booleans `true`/`false` are read as `egress`/`none`.",
+    opt egress_allow: Vec<Ipv4Cidr> => "Private destinations (IPv4 CIDR blocks) an `egress` box may reach although the deny list covers them; each within the stage's allow-list (at most 64).",
 });
 
 api_object!(BoxInfo as "BoxInfo", "A box." {
@@ -297,7 +313,8 @@ api_object!(BoxInfo as "BoxInfo", "A box." {
     req desired_state: BoxState => "State the control plane is driving it to (running, stopped or deleted).",
     req resources: Resources => "Limits.",
     req labels: BTreeMap<String, String> => "Labels.",
-    req network: bool => "Network access.",
+    req network: NetworkMode => "Network mode.",
+    opt egress_allow: Vec<Ipv4Cidr> => "Private destinations the box may reach (egress).",
     opt error: Option<String> => "Last error reported by the runner.",
     req created_at: OffsetDateTime => "Creation time.",
     req updated_at: OffsetDateTime => "Last change.",

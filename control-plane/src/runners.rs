@@ -488,7 +488,7 @@ pub async fn healthcheck(
         let me = RunnerRow::from_row(&row)?;
 
         let rows = sqlx::query(
-            "SELECT id, image, cpu, memory, disk, env, network, state, desired_state, error, migrate_to \
+            "SELECT id, image, cpu, memory, disk, env, network, egress_allow, state, desired_state, error, migrate_to \
              FROM boxes WHERE runner_id = $1 AND deleted_at IS NULL",
         )
         .bind(&runner_id)
@@ -509,7 +509,8 @@ pub async fn healthcheck(
                         disk_mib: get_u64(r, "disk")?,
                     },
                     env: serde_json::from_str(&env).map_err(Error::internal)?,
-                    network: get_flag(r, "network")?,
+                    network: crate::boxes::network_mode(r)?,
+                    egress_allow: crate::boxes::egress_allow(r)?,
                 },
                 state: stored_state(r, "state")?,
                 desired: stored_state(r, "desired_state")?,

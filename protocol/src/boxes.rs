@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::net::{Ipv4Cidr, NetworkMode};
+
 /// Lifecycle state of a box.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -49,9 +51,13 @@ pub struct BoxSpec {
     /// Environment of every process in the box.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Network access (off by default: the box gets only a loopback interface).
+    /// Network mode (`none` by default: a loopback interface only).
     #[serde(default)]
-    pub network: bool,
+    pub network: NetworkMode,
+    /// Destinations the box may reach although the runner's deny list
+    /// covers them (egress only; each within the stage's allow-list).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_allow: Vec<Ipv4Cidr>,
 }
 
 /// `POST /api/boxes` body.
@@ -75,9 +81,14 @@ pub struct CreateBoxRequest {
     /// Labels for filtering.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// Network access.
+    /// Network mode: `"none"` (default) or `"egress"`; `true`/`false` are
+    /// read as `egress`/`none`.
     #[serde(default)]
-    pub network: bool,
+    pub network: NetworkMode,
+    /// Private destinations (CIDR blocks) an `egress` box may reach, each
+    /// within the stage's allow-list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_allow: Vec<Ipv4Cidr>,
 }
 
 /// A box as the API shows it.
@@ -99,8 +110,11 @@ pub struct BoxInfo {
     pub resources: Resources,
     /// Labels.
     pub labels: BTreeMap<String, String>,
-    /// Network access.
-    pub network: bool,
+    /// Network mode.
+    pub network: NetworkMode,
+    /// Private destinations the box may reach (egress).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_allow: Vec<Ipv4Cidr>,
     /// Last error reported by the runner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

@@ -8,6 +8,7 @@ pub mod boxes;
 pub mod error;
 pub mod exec;
 pub mod health;
+pub mod net;
 pub mod orgs;
 pub mod runners;
 pub mod ws;
@@ -16,6 +17,7 @@ pub use boxes::*;
 pub use error::ApiError;
 pub use exec::*;
 pub use health::*;
+pub use net::{Ipv4Cidr, NetworkMode};
 pub use orgs::*;
 pub use runners::*;
 

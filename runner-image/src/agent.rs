@@ -113,6 +113,7 @@ impl Agent {
             }
         }
         self.boxes.hierarchy().remove_empty_parents();
+        crate::network::teardown(&self.config.state_dir);
         Ok(ids.len())
     }
 
@@ -178,6 +179,44 @@ impl Agent {
     }
 }
 
+/// Egress networking for boxes (see [`crate::network`]); an error leaves the
+/// runner serving `none` boxes, and says why egress boxes cannot start.
+async fn setup_network(
+    config: &Config,
+    boxes: &Boxes,
+) -> std::result::Result<crate::network::NetPlan, String> {
+    use crate::config::BoxDns;
+    let dns = match config.box_dns {
+        BoxDns::Host => crate::network::host_resolver(),
+        BoxDns::Resolver(a) => Some(a),
+        BoxDns::Off => None,
+    };
+    if dns.is_none() && config.box_dns != BoxDns::Off {
+        tracing::warn!("no usable upstream resolver on this host: egress boxes get no DNS (set `box_dns`)");
+    }
+    let mut deny = config.egress_deny.clone();
+    let urls = [config.control_plane_url.clone(), config.advertise_url.clone()];
+    deny.extend(
+        tokio::task::spawn_blocking(move || crate::network::addresses_of(&urls))
+            .await
+            .unwrap_or_default(),
+    );
+    let allow = boxes.egress_allowances();
+    let state = config.state_dir.clone();
+    let subnet = config.box_subnet;
+    let res = tokio::task::spawn_blocking(move || {
+        crate::network::setup(&state, subnet, dns, &deny, &allow)
+    })
+    .await
+    .map_err(|e| format!("{e}"))
+    .and_then(|r| r.map_err(|e| format!("{e:#}")));
+    match &res {
+        Ok(p) => tracing::info!(subnet = %p.subnet, dns = ?p.dns, table = %p.table(), "box egress network ready"),
+        Err(e) => tracing::error!("box egress network unavailable: {e}"),
+    }
+    res
+}
+
 /// Run the agent until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> Result<()> {
     let layout = config.layout();
@@ -214,6 +253,7 @@ pub async fn run(config: Config) -> Result<()> {
         total = boxes.ids().len(),
         "boxes loaded"
     );
+    boxes.set_network(setup_network(&config, &boxes).await);
     let api_key = std::fs::read_to_string(layout.api_key())
         .ok()
         .map(|s| s.trim().to_string())

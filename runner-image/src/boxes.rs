@@ -14,6 +14,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::net::Ipv4Addr;
+use std::sync::OnceLock;
+
 use anyhow::{Context, Result, anyhow};
 use protocol::{BoxReport, BoxSpec, BoxState, Resources};
 use serde::{Deserialize, Serialize};
@@ -23,11 +26,14 @@ use crate::cgroups::{Hierarchy, Limits, Placement};
 use crate::config::{Config, Layout};
 use crate::images::ImageStore;
 use crate::ipc::{self, ShimInfo};
-use crate::sandbox::BoxLaunch;
+use crate::network::{EgressLaunch, NetPlan};
+use crate::sandbox::{BoxLaunch, IdRange};
 use crate::sys;
 
 /// Smallest memory limit a box may have.
 pub const MIN_MEMORY_MIB: u64 = 16;
+/// Most entries of one box's egress allow-list.
+pub const MAX_EGRESS_ALLOW: usize = 64;
 
 /// An error with an API code, so the HTTP layer can answer precisely.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +87,9 @@ pub struct BoxRecord {
     /// Last failure.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Address of an egress box while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Ipv4Addr>,
 }
 
 struct Entry {
@@ -92,6 +101,8 @@ struct Entry {
     cpu_prev: Option<(Instant, u64)>,
     cpu_millicores: u64,
     disk: Option<(Instant, u64)>,
+    /// Address reserved for (or held by) the box, egress only.
+    address: Option<Ipv4Addr>,
 }
 
 /// A box as the admin surface lists it.
@@ -120,6 +131,8 @@ pub struct Boxes {
     exe: PathBuf,
     entries: Mutex<HashMap<Uuid, Entry>>,
     adopted: AtomicU32,
+    /// Egress networking, once set up (or why it is unavailable).
+    net: OnceLock<std::result::Result<NetPlan, String>>,
 }
 
 fn now_rfc3339() -> String {
@@ -148,6 +161,14 @@ pub fn validate_spec(spec: &BoxSpec) -> Result<()> {
     if spec.env.len() > 4096 {
         return Err(bad("too many environment variables".into()));
     }
+    if !spec.egress_allow.is_empty() && !spec.network.is_egress() {
+        return Err(bad("egress_allow needs the egress network mode".into()));
+    }
+    if spec.egress_allow.len() > MAX_EGRESS_ALLOW {
+        return Err(bad(format!(
+            "egress_allow has more than {MAX_EGRESS_ALLOW} entries"
+        )));
+    }
     Ok(())
 }
 
@@ -171,7 +192,63 @@ impl Boxes {
             exe,
             entries: Mutex::new(HashMap::new()),
             adopted: AtomicU32::new(0),
+            net: OnceLock::new(),
         })
+    }
+
+    /// Record the outcome of setting up egress networking (once, at start).
+    pub fn set_network(&self, net: std::result::Result<NetPlan, String>) {
+        let _ = self.net.set(net);
+    }
+
+    /// The egress network, or why a box cannot have one.
+    pub fn network(&self) -> std::result::Result<&NetPlan, BoxError> {
+        match self.net.get() {
+            Some(Ok(p)) => Ok(p),
+            Some(Err(why)) => Err(BoxError::new(
+                "unavailable",
+                format!("egress networking is not available on this runner: {why}"),
+            )),
+            None => Err(BoxError::new(
+                "unavailable",
+                "egress networking is not set up yet",
+            )),
+        }
+    }
+
+    /// Addresses and allow-lists of the egress boxes that run (for the nftables table).
+    pub fn egress_allowances(&self) -> Vec<(Ipv4Addr, protocol::Ipv4Cidr)> {
+        let e = self.entries.lock().unwrap();
+        let mut v: Vec<_> = e
+            .values()
+            .filter(|e| e.state == BoxState::Running)
+            .filter_map(|e| e.address.map(|a| (a, e.record.spec.egress_allow.clone())))
+            .flat_map(|(a, allow)| allow.into_iter().map(move |c| (a, c)))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Refuse an egress spec this runner cannot honour: no egress network,
+    /// or an allow-list entry outside the stage's.
+    fn check_egress(&self, spec: &BoxSpec) -> Result<()> {
+        if !spec.network.is_egress() {
+            return Ok(());
+        }
+        self.network()?;
+        let outside = protocol::net::outside_of(&spec.egress_allow, &self.config.egress_allow);
+        if !outside.is_empty() {
+            let list: Vec<String> = outside.iter().map(|c| c.to_string()).collect();
+            return Err(BoxError::new(
+                "bad_request",
+                format!(
+                    "egress_allow {} is outside the stage's allow-list",
+                    list.join(", ")
+                ),
+            )
+            .into());
+        }
+        Ok(())
     }
 
     /// The image store.
@@ -285,6 +362,7 @@ impl Boxes {
                 cpu_prev: None,
                 cpu_millicores: 0,
                 disk: None,
+                address: None,
             },
         );
     }
@@ -352,6 +430,17 @@ impl Boxes {
                 }
                 (None, Desired::Stopped) => (BoxState::Stopped, None),
             };
+            // The agent may have died before recording a running box's address.
+            if info.is_some() && rec.address.is_none() {
+                rec.address = std::fs::read(crate::shim::launch_path(&self.box_dir(&id)))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<BoxLaunch>(&b).ok())
+                    .and_then(|l| l.egress.map(|e| e.address));
+            }
+            if info.is_none() {
+                rec.address = None;
+            }
+            let address = rec.address;
             tracing::info!(%id, ?state, "box loaded");
             self.entries.lock().unwrap().insert(
                 id,
@@ -364,6 +453,7 @@ impl Boxes {
                     cpu_prev: None,
                     cpu_millicores: 0,
                     disk: None,
+                    address,
                 },
             );
         }
@@ -373,6 +463,7 @@ impl Boxes {
     /// Create a box and start it. Idempotent for the same spec.
     pub async fn create(&self, spec: BoxSpec) -> Result<()> {
         validate_spec(&spec)?;
+        self.check_egress(&spec)?;
         let id = spec.id;
         let image = self.images.get(&spec.image).ok_or_else(|| {
             BoxError::new(
@@ -387,6 +478,7 @@ impl Boxes {
             placement: None,
             image_digest: image.digest,
             last_error: None,
+            address: None,
         };
         // Claim the id under the map's lock, holding the box's operation lock,
         // so two concurrent creates of one id never both build it.
@@ -408,6 +500,7 @@ impl Boxes {
                             cpu_prev: None,
                             cpu_millicores: 0,
                             disk: None,
+                            address: None,
                         },
                     );
                     None
@@ -517,6 +610,73 @@ impl Boxes {
     }
 
     async fn launch(&self, id: &Uuid, record: &mut BoxRecord) -> Result<ShimInfo> {
+        let egress = self.reserve_egress(id, &record.spec)?;
+        let res = self.launch_shim(id, record, egress).await;
+        if res.is_err() {
+            self.release_egress(id);
+        }
+        res
+    }
+
+    /// An address and interface for an egress box (nothing for `none`), its
+    /// allow-list added to the runner's table.
+    fn reserve_egress(&self, id: &Uuid, spec: &BoxSpec) -> Result<Option<EgressLaunch>> {
+        if !spec.network.is_egress() {
+            return Ok(None);
+        }
+        self.check_egress(spec)?;
+        let plan = self.network()?;
+        let address = {
+            let mut e = self.entries.lock().unwrap();
+            let used: std::collections::BTreeSet<Ipv4Addr> = e
+                .iter()
+                .filter(|(other, _)| *other != id)
+                .filter_map(|(_, e)| e.address)
+                .collect();
+            let a = plan.allocate(&used).ok_or_else(|| {
+                BoxError::new(
+                    "unavailable",
+                    format!("every address of {} is in use", plan.subnet),
+                )
+            })?;
+            if let Some(entry) = e.get_mut(id) {
+                entry.address = Some(a);
+            }
+            a
+        };
+        if let Err(err) = crate::network::nft(&plan.allow_elements(true, address, &spec.egress_allow))
+        {
+            self.release_egress(id);
+            return Err(err.context("adding the box's allow-list"));
+        }
+        Ok(Some(EgressLaunch {
+            address,
+            gateway: plan.gateway(),
+            host_iface: plan.host_iface(id),
+            group: plan.group,
+        }))
+    }
+
+    /// Give back an egress box's address and remove its allow-list.
+    fn release_egress(&self, id: &Uuid) {
+        let taken = {
+            let mut e = self.entries.lock().unwrap();
+            e.get_mut(id)
+                .and_then(|e| e.address.take().map(|a| (a, e.record.spec.egress_allow.clone())))
+        };
+        if let (Some((address, allow)), Ok(plan)) = (taken, self.network())
+            && let Err(err) = crate::network::nft(&plan.allow_elements(false, address, &allow))
+        {
+            tracing::warn!(%id, "removing the box's allow-list: {err:#}");
+        }
+    }
+
+    async fn launch_shim(
+        &self,
+        id: &Uuid,
+        record: &mut BoxRecord,
+        egress: Option<EgressLaunch>,
+    ) -> Result<ShimInfo> {
         let spec = &record.spec;
         let image = self.images.get(&spec.image).ok_or_else(|| {
             BoxError::new(
@@ -535,12 +695,16 @@ impl Boxes {
             lower: self.images.rootfs(&spec.image),
             upper: dir.join("upper"),
             work: dir.join("work"),
-            network: spec.network,
+            egress: egress.clone(),
             hostname: format!("box-{}", &id.simple().to_string()[..12]),
             env,
             placement: placement.clone(),
             limits: self.limits(spec),
-            box_uid: self.config.box_uid,
+            ids: IdRange {
+                base: self.config.box_uid,
+                count: 1,
+            },
+            nofile: self.config.nofile_per_process,
             bwrap: self.config.bwrap_path.clone(),
             max_sessions: self.config.max_sessions_per_box,
         };
@@ -582,6 +746,7 @@ impl Boxes {
         });
         record.desired = Desired::Running;
         record.last_error = None;
+        record.address = egress.map(|e| e.address);
         self.save(id, record)?;
         Ok(info)
     }
@@ -627,8 +792,10 @@ impl Boxes {
         {
             tracing::warn!(%id, "removing cgroups: {e:#}");
         }
+        self.release_egress(id);
         record.desired = Desired::Stopped;
         record.placement = None;
+        record.address = None;
         self.save(id, &record)?;
         let mut entries = self.entries.lock().unwrap();
         if let Some(e) = entries.get_mut(id) {
@@ -695,8 +862,11 @@ impl Boxes {
                 e.error = Some("the box stopped unexpectedly (its shim exited)".into());
                 e.shim = None;
                 e.record.placement = None;
+                e.record.address = None;
                 e.record.last_error = e.error.clone();
                 let _ = self.save(&id, &e.record);
+                drop(entries);
+                self.release_egress(&id);
             }
         }
     }
@@ -825,7 +995,8 @@ mod tests {
                 disk_mib: 100,
             },
             env: std::collections::BTreeMap::new(),
-            network: false,
+            network: protocol::NetworkMode::None,
+            egress_allow: vec![],
         }
     }
 

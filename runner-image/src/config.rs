@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use protocol::Ipv4Cidr;
 use serde::Deserialize;
 
 /// Default path of the configuration file on a runner host.
@@ -81,6 +82,16 @@ struct RawConfig {
     keep_releases: Option<usize>,
     #[serde(default)]
     max_sessions_per_box: Option<usize>,
+    #[serde(default)]
+    nofile_per_process: Option<u64>,
+    #[serde(default)]
+    box_subnet: Option<Ipv4Cidr>,
+    #[serde(default)]
+    box_dns: Option<String>,
+    #[serde(default)]
+    egress_allow: Vec<Ipv4Cidr>,
+    #[serde(default)]
+    egress_deny: Vec<Ipv4Cidr>,
 }
 
 /// The agent's resolved configuration.
@@ -136,6 +147,32 @@ pub struct Config {
     pub keep_releases: usize,
     /// Most exec sessions (running or finished but unread) one box keeps.
     pub max_sessions_per_box: usize,
+    /// `RLIMIT_NOFILE` of every process in a box (at most 4096 by default;
+    /// the kernel's file table is shared by the whole host).
+    pub nofile_per_process: u64,
+    /// Subnet egress boxes take addresses from (default: a free block of
+    /// [`crate::network::SUBNET_POOL`], chosen once and kept).
+    pub box_subnet: Option<Ipv4Cidr>,
+    /// Upstream resolver of egress boxes: an address, `"none"` (no DNS), or
+    /// unset (the host's first non-loopback resolver).
+    pub box_dns: BoxDns,
+    /// The stage's allow-list: private destinations an egress box may be
+    /// allowed to reach (each box names its own, within this list).
+    pub egress_allow: Vec<Ipv4Cidr>,
+    /// Destinations denied to every box on top of the built-in deny list
+    /// (the control plane's and runner's addresses are added by themselves).
+    pub egress_deny: Vec<Ipv4Cidr>,
+}
+
+/// Where egress boxes' DNS queries go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BoxDns {
+    /// The host's first non-loopback resolver.
+    Host,
+    /// This resolver.
+    Resolver(std::net::Ipv4Addr),
+    /// No DNS for boxes.
+    Off,
 }
 
 impl Config {
@@ -245,6 +282,36 @@ impl Config {
             stop_grace_secs: raw.stop_grace_secs.unwrap_or(3).min(300),
             keep_releases: raw.keep_releases.unwrap_or(3).max(1),
             max_sessions_per_box: raw.max_sessions_per_box.unwrap_or(64).clamp(1, 4096),
+            nofile_per_process: match raw.nofile_per_process {
+                None => 4096,
+                Some(n @ 64..=1_048_576) => n,
+                Some(n) => bail!("`nofile_per_process` must be 64 to 1048576, not {n}"),
+            },
+            box_subnet: match raw.box_subnet {
+                Some(c) if !(16..=28).contains(&c.prefix()) => {
+                    bail!("`box_subnet` must be a /16 to /28 block (got {c})")
+                }
+                other => other,
+            },
+            box_dns: match raw.box_dns.as_deref() {
+                None => BoxDns::Host,
+                Some("none") => BoxDns::Off,
+                Some(a) => BoxDns::Resolver(a.parse().with_context(|| {
+                    format!("`box_dns` must be an IPv4 address or \"none\" (got {a:?})")
+                })?),
+            },
+            egress_allow: {
+                let hard = crate::network::hard_deny_builtin();
+                for a in &raw.egress_allow {
+                    if let Some(h) = hard.iter().find(|h| h.overlaps(a)) {
+                        bail!(
+                            "`egress_allow` entry {a} overlaps {h}, which boxes may never reach"
+                        );
+                    }
+                }
+                raw.egress_allow
+            },
+            egress_deny: raw.egress_deny,
         })
     }
 

@@ -359,6 +359,7 @@ fn restore(
         placement: None,
         image_digest: image.digest,
         last_error: None,
+        address: None,
     };
     sys::write_atomic(
         &staging.join("box.json"),

@@ -112,6 +112,9 @@ pub struct ShimInfo {
     pub bwrap_pid: u32,
     /// Host pid of the box's PID 1.
     pub pid1: u32,
+    /// Start time of PID 1 (clock ticks since boot; 0 from shims that predate it).
+    #[serde(default)]
+    pub pid1_start_time: u64,
     /// cgroup v2 subtree of the box when the shim resolved it (systemd scopes).
     #[serde(default)]
     pub cgroup_dir: Option<PathBuf>,

@@ -9,6 +9,7 @@
 //!   the box's PID 1, entering a running box;
 //! - [`shim`], [`ipc`]: the per-box process that owns a box and its exec
 //!   sessions and outlives the agent, and the protocol to talk to it;
+//! - [`network`]: every box's network namespace, egress through NAT with a deny list, the one way in;
 //! - [`boxes`]: lifecycle, persistence and re-adoption;
 //! - [`exec`]: one-shot exec and the exec WebSocket;
 //! - [`export`]: box archives (export/import with SHA-256);
@@ -32,6 +33,7 @@ pub mod images;
 pub mod init_elf;
 pub mod ipc;
 pub mod layers;
+pub mod network;
 pub mod sandbox;
 pub mod seccomp;
 pub mod shim;

@@ -2,22 +2,29 @@
 //!
 //! A box's root is an overlay (image read-only below, the box's own upper
 //! directory on top) mounted in the shim's private mount namespace, so it
-//! never shows up in the host's mount table and disappears with the box.
-//! bubblewrap then runs, as the unprivileged box uid, with new user, pid,
-//! ipc, uts and cgroup namespaces (and network, unless the box asked for it),
-//! `--new-session`, every capability dropped, the seccomp programs of
-//! [`crate::seccomp`], the box's cgroup joined before anything runs, and
-//! [`crate::init_elf`] as PID 1. Only the descriptors listed in
-//! [`BWRAP_FDS`] reach bubblewrap, and PID 1 closes all of them first thing.
+//! never shows up in the host's mount table and disappears with the box; its
+//! layers are named by descriptor (`/proc/self/fd/N`), so the box's
+//! `/proc/self/mountinfo` names no host path.
+//!
+//! bubblewrap runs as the box's own unprivileged host uid (the first of its
+//! range, [`IdRange`]) and creates the box's user namespace; it then waits
+//! (`--userns-block-fd`) while the shim, root on the host, maps the box's
+//! whole uid/gid range into it and caps nested user namespaces at zero
+//! there. Then new pid, ipc, uts, cgroup and network namespaces (the network
+//! one always: see [`crate::network`]), `--new-session`, every capability
+//! dropped, the seccomp programs of [`crate::seccomp`], the box's cgroup
+//! joined and its rlimits set before anything runs, and [`crate::init_elf`]
+//! as PID 1. Only the descriptors in [`BWRAP_FDS`] reach bubblewrap, and PID
+//! 1 closes all of them first thing.
 //!
 //! Later processes (exec sessions) do not go through bubblewrap: the shim
 //! forks, and the child joins the box's cgroup, enters its namespaces
 //! (opened once from PID 1 and kept), becomes root of the box's user
-//! namespace (the box uid on the host), drops every capability and the
-//! bounding set, sets `no_new_privs`, starts a new session, installs the same
-//! seccomp programs, marks every other descriptor close-on-exec and executes
-//! the command. Everything the child needs is prepared before `fork`, so the
-//! child only makes system calls.
+//! namespace (the box's first uid on the host), drops every capability and
+//! the bounding set, sets `no_new_privs`, starts a new session, sets the
+//! box's rlimits, installs the same seccomp programs, marks every other
+//! descriptor close-on-exec and executes the command. Everything the child
+//! needs is prepared before `fork`, so the child only makes system calls.
 
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
@@ -32,6 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cgroups::{Limits, Placement};
 use crate::ipc::ExecSpec;
+use crate::network::EgressLaunch;
 use crate::seccomp::Policy;
 use crate::sys;
 
@@ -46,9 +54,51 @@ pub const SHELLS: [&str; 6] = [
     "/bin/sh",
     "/usr/bin/sh",
 ];
-/// Descriptor numbers bubblewrap receives: readiness pipe, info pipe, three
-/// seccomp programs, the init program, the root directory.
-pub const BWRAP_FDS: [RawFd; 7] = [3, 4, 5, 6, 7, 8, 9];
+/// Readiness pipe (PID 1 writes `R` once the sandbox is complete).
+const FD_READY: RawFd = 3;
+/// bubblewrap's `--info-fd` (reports PID 1's host pid).
+const FD_INFO: RawFd = 4;
+/// First of the seccomp programs' descriptors.
+const FD_SECCOMP: RawFd = 5;
+/// Slots for seccomp programs.
+const SECCOMP_SLOTS: usize = 4;
+/// The init program (a sealed memfd), executed as `/proc/self/fd/9`.
+const FD_INIT: RawFd = 9;
+/// The box's root directory.
+const FD_ROOT: RawFd = 10;
+/// `--userns-block-fd`: bubblewrap waits on it while the shim maps the box's ids.
+const FD_USERNS_BLOCK: RawFd = 11;
+/// `/etc/resolv.conf` of an egress box (`--ro-bind-data`).
+const FD_RESOLV: RawFd = 12;
+/// Descriptor numbers bubblewrap receives, in order.
+pub const BWRAP_FDS: [RawFd; 10] = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+/// Size of a box's uid (and gid) range: what an image's files may be owned by.
+pub const ID_RANGE: u32 = 65536;
+/// `RLIMIT_CORE` of every box process. 1, not 0: a pipe `core_pattern` (the
+/// host's crash reporter, run as root outside the box) ignores 0 but refuses
+/// to run for a limit of 1, and a file dump needs a page at least.
+pub const CORE_LIMIT: u64 = 1;
+
+/// Host uids (and gids) of one box: root in the box is `base`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdRange {
+    /// First host id.
+    pub base: u32,
+    /// How many ids.
+    pub count: u32,
+}
+
+impl IdRange {
+    /// The line of `uid_map`/`gid_map` that maps ids 0.. of the box onto the range.
+    pub fn map_line(&self) -> String {
+        format!("0 {} {}\n", self.base, self.count)
+    }
+
+    /// True when the host id `id` belongs to this range.
+    pub fn contains(&self, id: u32) -> bool {
+        id >= self.base && id - self.base < self.count
+    }
+}
 
 /// Everything a shim needs to start one box (`<box>/launch.json`, written by the agent).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,8 +111,8 @@ pub struct BoxLaunch {
     pub upper: PathBuf,
     /// Overlayfs work directory (same filesystem as `upper`).
     pub work: PathBuf,
-    /// Share the host's network namespace.
-    pub network: bool,
+    /// The egress interface of the box; `None`: loopback only.
+    pub egress: Option<EgressLaunch>,
     /// Host name inside the box.
     pub hostname: String,
     /// Environment of every process in the box (image's, then the spec's).
@@ -71,8 +121,10 @@ pub struct BoxLaunch {
     pub placement: Placement,
     /// Limits.
     pub limits: Limits,
-    /// Host uid (and gid) of root in the box.
-    pub box_uid: u32,
+    /// Host uids and gids of the box.
+    pub ids: IdRange,
+    /// `RLIMIT_NOFILE` of every process in the box.
+    pub nofile: u64,
     /// bubblewrap binary.
     pub bwrap: PathBuf,
     /// Most sessions kept at once.
@@ -94,18 +146,6 @@ pub fn enter_private_mount_ns() -> Result<()> {
     Ok(())
 }
 
-/// Escape a path for an overlayfs option value.
-fn overlay_escape(p: &Path) -> String {
-    let mut out = String::new();
-    for ch in p.to_string_lossy().chars() {
-        if matches!(ch, ',' | ':' | '\\') {
-            out.push('\\');
-        }
-        out.push(ch);
-    }
-    out
-}
-
 /// Where the shim mounts the box's root inside its private mount namespace.
 /// bubblewrap runs as the unprivileged box uid and resolves its bind source
 /// by path, so the path must be traversable by that uid; the state
@@ -114,13 +154,28 @@ fn overlay_escape(p: &Path) -> String {
 pub const SANDBOX_MOUNT_BASE: &str = "/run/boxlite";
 
 /// Mount the box's overlay root (in the current, private mount namespace)
-/// and return where it is.
+/// and return where it is. The layers are opened first (never through a
+/// symlink: a box directory whose `upper` is a link is refused) and named
+/// to overlayfs by descriptor, so the mount options the box can read in its
+/// `/proc/self/mountinfo` are `/proc/self/fd/N`, not host paths.
 pub fn mount_overlay(l: &BoxLaunch) -> Result<PathBuf> {
-    for p in [&l.lower, &l.upper, &l.work] {
-        if !p.is_dir() {
-            bail!("{} is missing", p.display());
+    let open = |p: &Path| -> Result<OwnedFd> {
+        let c = sys::cpath(p)?;
+        // SAFETY: valid C string; flags are constants.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("{} is missing or not a directory", p.display()));
         }
-    }
+        // SAFETY: fresh descriptor.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let layers = [open(&l.lower)?, open(&l.upper)?, open(&l.work)?];
     let base = Path::new(SANDBOX_MOUNT_BASE);
     nix::mount::mount(
         Some("tmpfs"),
@@ -134,11 +189,12 @@ pub fn mount_overlay(l: &BoxLaunch) -> Result<PathBuf> {
     .with_context(|| format!("mounting a private tmpfs on {}", base.display()))?;
     let root = base.join("root");
     std::fs::create_dir(&root)?;
+    let fd = |f: &OwnedFd| format!("/proc/self/fd/{}", f.as_raw_fd());
     let opts = format!(
         "lowerdir={},upperdir={},workdir={},index=off,metacopy=off,redirect_dir=off",
-        overlay_escape(&l.lower),
-        overlay_escape(&l.upper),
-        overlay_escape(&l.work)
+        fd(&layers[0]),
+        fd(&layers[1]),
+        fd(&layers[2]),
     );
     nix::mount::mount(
         Some("overlay"),
@@ -160,63 +216,121 @@ pub fn ensure_mount_base() -> Result<()> {
 
 /// bubblewrap's arguments for a box (descriptor numbers per [`BWRAP_FDS`]).
 pub fn bwrap_args(l: &BoxLaunch, seccomp_programs: usize) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "--unshare-user",
-        "--uid",
-        "0",
-        "--gid",
-        "0",
-        "--disable-userns",
-        "--unshare-pid",
-        "--unshare-ipc",
-        "--unshare-uts",
-        "--unshare-cgroup-try",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if !l.network {
-        a.push("--unshare-net".into());
+    let fd = |n: RawFd| n.to_string();
+    let mut a: Vec<String> = vec![
+        // The box's user namespace; the shim writes its id maps while
+        // bubblewrap waits on the block descriptor.
+        "--unshare-user".into(),
+        "--userns-block-fd".into(),
+        fd(FD_USERNS_BLOCK),
+        "--uid".into(),
+        "0".into(),
+        "--gid".into(),
+        "0".into(),
+        "--unshare-pid".into(),
+        "--unshare-ipc".into(),
+        "--unshare-uts".into(),
+        "--unshare-cgroup-try".into(),
+        // Always: nothing of the host's network is reachable from a box.
+        "--unshare-net".into(),
+        "--hostname".into(),
+        l.hostname.clone(),
+        "--new-session".into(),
+        "--die-with-parent".into(),
+        "--as-pid-1".into(),
+        "--cap-drop".into(),
+        "ALL".into(),
+        "--bind-fd".into(),
+        fd(FD_ROOT),
+        "/".into(),
+        "--proc".into(),
+        "/proc".into(),
+        "--dev".into(),
+        "/dev".into(),
+    ];
+    if l.egress.is_some() {
+        // The box's resolver is its gateway (see crate::network).
+        a.extend([
+            "--perms".into(),
+            "0644".into(),
+            "--ro-bind-data".into(),
+            fd(FD_RESOLV),
+            "/etc/resolv.conf".into(),
+        ]);
     }
-    a.extend(
-        [
-            "--hostname",
-            &l.hostname,
-            "--new-session",
-            "--die-with-parent",
-            "--as-pid-1",
-            "--cap-drop",
-            "ALL",
-            "--bind-fd",
-            "9",
-            "/",
-            "--proc",
-            "/proc",
-            "--dev",
-            "/dev",
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
-    if l.network {
-        // DNS configuration of the host; read-only.
-        a.extend(
-            ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
-                .iter()
-                .map(|s| s.to_string()),
-        );
-    }
-    a.extend(
-        ["--clearenv", "--chdir", "/", "--info-fd", "4"]
-            .iter()
-            .map(|s| s.to_string()),
-    );
+    a.extend([
+        "--clearenv".into(),
+        "--chdir".into(),
+        "/".into(),
+        "--info-fd".into(),
+        fd(FD_INFO),
+    ]);
     for i in 0..seccomp_programs {
         a.push("--add-seccomp-fd".into());
-        a.push((5 + i).to_string());
+        a.push(fd(FD_SECCOMP + i as RawFd));
     }
-    a.push("/proc/self/fd/8".into());
+    a.push(format!("/proc/self/fd/{FD_INIT}"));
     a
+}
+
+/// Set the rlimits every box process has. Async-signal-safe.
+fn set_box_rlimits(nofile: u64) -> std::io::Result<()> {
+    for (resource, value) in [
+        (libc::RLIMIT_NOFILE, nofile),
+        (libc::RLIMIT_CORE, CORE_LIMIT),
+    ] {
+        let lim = libc::rlimit {
+            rlim_cur: value,
+            rlim_max: value,
+        };
+        // SAFETY: plain system call on a valid struct.
+        if unsafe { libc::setrlimit(resource, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Map the box's ids into the user namespace of `pid` (bubblewrap's child,
+/// waiting on its block descriptor) and forbid nested user namespaces in it.
+fn map_ids(pid: u32, ids: &IdRange) -> Result<()> {
+    for file in ["uid_map", "gid_map"] {
+        std::fs::write(format!("/proc/{pid}/{file}"), ids.map_line())
+            .with_context(|| format!("writing the box's {file}"))?;
+    }
+    // `user.max_user_namespaces` is per user namespace and only writable from
+    // inside it: a forked child enters the box's namespace and sets it to 0.
+    // (The seccomp policy refuses namespace creation too; this holds even
+    // without it, and nothing in the box has the capability to raise it.)
+    let userns = std::fs::File::open(format!("/proc/{pid}/ns/user"))
+        .context("opening the box's user namespace")?;
+    let path = c"/proc/sys/user/max_user_namespaces";
+    // SAFETY: the child only makes system calls on values prepared before
+    // fork, then _exits.
+    unsafe {
+        let child = libc::fork();
+        if child < 0 {
+            return Err(std::io::Error::last_os_error()).context("fork");
+        }
+        if child == 0 {
+            let mut code = 1;
+            if libc::setns(userns.as_raw_fd(), libc::CLONE_NEWUSER) == 0 {
+                let f = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if f >= 0 && libc::write(f, b"0".as_ptr().cast(), 1) == 1 {
+                    code = 0;
+                }
+            }
+            libc::_exit(code);
+        }
+        let mut status = 0;
+        if libc::waitpid(child, &mut status, 0) != child
+            || !libc::WIFEXITED(status)
+            || libc::WEXITSTATUS(status) != 0
+        {
+            bail!("could not forbid nested user namespaces in the box");
+        }
+    }
+    Ok(())
 }
 
 /// A box whose bubblewrap is running.
@@ -232,29 +346,39 @@ pub struct Started {
 /// Returns once PID 1 runs, i.e. the sandbox is completely set up.
 pub fn start_box(l: &BoxLaunch, root: &Path, policy: &Policy, stderr: RawFd) -> Result<Started> {
     let programs = policy.program_bytes();
-    if programs.len() > 3 {
+    if programs.len() > SECCOMP_SLOTS {
         bail!("more seccomp programs than descriptor slots");
     }
     let (ready_r, ready_w) = sys::pipe()?;
     let (info_r, info_w) = sys::pipe()?;
+    let (block_r, block_w) = sys::pipe()?;
     let mut sources: Vec<OwnedFd> = vec![ready_w, info_w];
     for (i, p) in programs.iter().enumerate() {
         sources.push(sys::sealed_memfd(&format!("boxlite-seccomp-{i}"), p)?);
     }
-    // Unused seccomp slots get /dev/null so the numbering stays fixed.
-    while sources.len() < 5 {
-        sources.push(OwnedFd::from(std::fs::File::open("/dev/null")?));
+    let null = || -> Result<OwnedFd> { Ok(OwnedFd::from(std::fs::File::open("/dev/null")?)) };
+    // Unused slots get /dev/null so the numbering stays fixed.
+    while sources.len() < (FD_INIT - FD_READY) as usize {
+        sources.push(null()?);
     }
     sources.push(sys::sealed_memfd(
         "boxlite-init",
         &crate::init_elf::init_program()?,
     )?);
     sources.push(sys::open_path(root, true)?);
+    sources.push(block_r);
+    sources.push(match &l.egress {
+        Some(e) => sys::sealed_memfd("boxlite-resolv", e.resolv_conf().as_bytes())?,
+        None => null()?,
+    });
+    debug_assert_eq!(sources.len(), BWRAP_FDS.len());
     let src_raw: Vec<RawFd> = sources.iter().map(|f| f.as_raw_fd()).collect();
     let cgroup_fds = l.placement.open_procs_files()?;
     let cg_raw: Vec<RawFd> = cgroup_fds.iter().map(|f| f.as_raw_fd()).collect();
-    let uid = l.box_uid;
+    let uid = l.ids.base;
+    let nofile = l.nofile;
     let stderr_fd = stderr;
+    let first_closed = (BWRAP_FDS[BWRAP_FDS.len() - 1] + 1) as u32;
 
     let mut cmd = std::process::Command::new(&l.bwrap);
     cmd.args(bwrap_args(l, programs.len()))
@@ -275,7 +399,7 @@ pub fn start_box(l: &BoxLaunch, root: &Path, policy: &Policy, stderr: RawFd) -> 
                 return Err(std::io::Error::last_os_error());
             }
             // Move the sources out of the way, then into their fixed slots.
-            let mut high = [0 as RawFd; 7];
+            let mut high = [0 as RawFd; BWRAP_FDS.len()];
             for (i, s) in src_raw.iter().enumerate() {
                 let h = libc::fcntl(*s, libc::F_DUPFD_CLOEXEC, 100);
                 if h < 0 {
@@ -291,15 +415,17 @@ pub fn start_box(l: &BoxLaunch, root: &Path, policy: &Policy, stderr: RawFd) -> 
             // Nothing else may reach bubblewrap (and from it, the box).
             if libc::syscall(
                 libc::SYS_close_range,
-                10u32,
+                first_closed,
                 u32::MAX,
                 libc::CLOSE_RANGE_CLOEXEC,
             ) != 0
             {
                 return Err(std::io::Error::last_os_error());
             }
-            // Become the unprivileged box user: bubblewrap creates the user
-            // namespace mapping root inside to this uid.
+            set_box_rlimits(nofile)?;
+            // Become the box's unprivileged host uid: the user namespace
+            // bubblewrap creates is owned by it, so kernel per-user counts
+            // (inotify instances, namespaces, ...) are the box's own.
             if libc::setgroups(0, std::ptr::null()) != 0
                 || libc::setresgid(uid, uid, uid) != 0
                 || libc::setresuid(uid, uid, uid) != 0
@@ -330,6 +456,12 @@ pub fn start_box(l: &BoxLaunch, root: &Path, policy: &Policy, stderr: RawFd) -> 
         .get("child-pid")
         .and_then(|p| p.as_u64())
         .ok_or_else(|| anyhow!("bubblewrap reported no child pid"))? as u32;
+    map_ids(pid1, &l.ids)?;
+    // SAFETY: a plain write on our end of the block pipe.
+    if unsafe { libc::write(block_w.as_raw_fd(), b"1".as_ptr().cast(), 1) } != 1 {
+        return Err(std::io::Error::last_os_error()).context("releasing bubblewrap");
+    }
+    drop(block_w);
     let ready = read_all_until(&ready_r, deadline).context("waiting for the box to start")?;
     if ready.first() != Some(&b'R') {
         bail!("the box's init did not start (see the shim log)");
@@ -404,9 +536,12 @@ pub struct BoxHandle {
     namespaces: Vec<(OwnedFd, libc::c_int)>,
     /// The pid namespace (entered by the shim itself, so its children are born in it).
     pub pid_ns: OwnedFd,
+    /// The network namespace.
+    pub net_ns: OwnedFd,
     cgroup_procs: Vec<OwnedFd>,
     seccomp: Policy,
     last_cap: u32,
+    nofile: u64,
     env: BTreeMap<String, String>,
     hostname: String,
 }
@@ -430,9 +565,8 @@ impl BoxHandle {
             (ns("ipc")?, libc::CLONE_NEWIPC),
             (ns("uts")?, libc::CLONE_NEWUTS),
         ];
-        if differs("net") {
-            namespaces.push((ns("net")?, libc::CLONE_NEWNET));
-        }
+        let net = ns("net")?;
+        namespaces.push((net.try_clone()?, libc::CLONE_NEWNET));
         if differs("cgroup") {
             namespaces.push((ns("cgroup")?, libc::CLONE_NEWCGROUP));
         }
@@ -444,9 +578,11 @@ impl BoxHandle {
             root,
             namespaces,
             pid_ns: ns("pid")?,
+            net_ns: net,
             cgroup_procs: l.placement.open_procs_files()?,
             seccomp,
             last_cap: sys::cap_last_cap(),
+            nofile: l.nofile,
             env: l.env.clone(),
             hostname: l.hostname.clone(),
         })
@@ -585,6 +721,7 @@ impl BoxHandle {
             cgroup_procs: &cg,
             seccomp: self.seccomp.programs(),
             last_cap: self.last_cap,
+            nofile: self.nofile,
             err: err_w.as_raw_fd(),
         };
         // SAFETY: the child runs `child_main`, which only makes system calls on
@@ -616,7 +753,7 @@ impl BoxHandle {
 /// Names of the child's setup steps, for error reports.
 const STEP_NAMES: [&str; 12] = [
     "signal reset",
-    "joining the cgroup",
+    "joining the cgroup and setting limits",
     "clearing groups",
     "entering a namespace",
     "switching to the box user",
@@ -675,6 +812,7 @@ struct ChildCtx<'a> {
     cgroup_procs: &'a [RawFd],
     seccomp: &'a [seccompiler::BpfProgram],
     last_cap: u32,
+    nofile: u64,
     err: RawFd,
 }
 
@@ -710,11 +848,23 @@ fn child_main(c: &ChildCtx) -> ! {
         if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
             fail(c.err, 0);
         }
-        // 1. Join the box's cgroups (as host root, before entering anything).
+        // 1. Join the box's cgroups (as host root, before entering anything),
+        //    and leave the shim's out-of-memory protection behind.
         for fd in c.cgroup_procs {
             if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
                 fail(c.err, 1);
             }
+        }
+        let adj = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if adj < 0 || libc::write(adj, b"0".as_ptr().cast(), 1) != 1 {
+            fail(c.err, 1);
+        }
+        libc::close(adj);
+        if set_box_rlimits(c.nofile).is_err() {
+            fail(c.err, 1);
         }
         // 2. No supplementary groups (they would be unmapped in the box).
         if libc::setgroups(0, std::ptr::null()) != 0 {
@@ -851,7 +1001,7 @@ fn child_main(c: &ChildCtx) -> ! {
 }
 
 /// Open a pseudo-terminal from the box's own devpts: (master, peer/slave).
-pub fn open_pty(h: &BoxHandle, box_uid: u32, rows: u16, cols: u16) -> Result<(OwnedFd, OwnedFd)> {
+pub fn open_pty(h: &BoxHandle, root_uid: u32, rows: u16, cols: u16) -> Result<(OwnedFd, OwnedFd)> {
     let master = sys::open_in_root(&h.root, "/dev/pts/ptmx", libc::O_RDWR | libc::O_NOCTTY)
         .context("opening the box's /dev/pts/ptmx")?;
     // SAFETY: ioctls on the master we own.
@@ -877,7 +1027,7 @@ pub fn open_pty(h: &BoxHandle, box_uid: u32, rows: u16, cols: u16) -> Result<(Ow
         }
         let peer = OwnedFd::from_raw_fd(peer);
         // Owned by root of the box (not the unmapped host root).
-        libc::fchown(peer.as_raw_fd(), box_uid, box_uid);
+        libc::fchown(peer.as_raw_fd(), root_uid, root_uid);
         Ok((master, peer))
     }
 }
@@ -886,13 +1036,18 @@ pub fn open_pty(h: &BoxHandle, box_uid: u32, rows: u16, cols: u16) -> Result<(Ow
 mod tests {
     use super::*;
 
-    fn launch(network: bool) -> BoxLaunch {
+    fn launch(egress: bool) -> BoxLaunch {
         BoxLaunch {
             id: uuid::Uuid::nil(),
             lower: "/l".into(),
             upper: "/u".into(),
             work: "/w".into(),
-            network,
+            egress: egress.then(|| EgressLaunch {
+                address: "10.224.0.2".parse().unwrap(),
+                gateway: "10.224.0.1".parse().unwrap(),
+                host_iface: "bl0000000000000".into(),
+                group: 0x1000_0001,
+            }),
             hostname: "box-1".into(),
             env: BTreeMap::new(),
             placement: Placement::V2 { dir: "/c".into() },
@@ -901,37 +1056,53 @@ mod tests {
                 cpu_millicores: 1000,
                 pids_max: 64,
             },
-            box_uid: 1 << 30,
+            ids: IdRange {
+                base: 1 << 30,
+                count: ID_RANGE,
+            },
+            nofile: 4096,
             bwrap: "/usr/bin/bwrap".into(),
             max_sessions: 8,
         }
     }
 
     #[test]
-    fn bwrap_isolates_everything_unless_network_is_asked() {
-        let a = bwrap_args(&launch(false), 3);
-        for flag in [
-            "--unshare-user",
-            "--unshare-pid",
-            "--unshare-ipc",
-            "--unshare-uts",
-            "--unshare-net",
-            "--new-session",
-            "--die-with-parent",
-            "--clearenv",
-        ] {
-            assert!(a.iter().any(|x| x == flag), "{flag} missing");
+    fn bwrap_isolates_everything_whatever_the_network_mode() {
+        for egress in [false, true] {
+            let a = bwrap_args(&launch(egress), 3);
+            for flag in [
+                "--unshare-user",
+                "--unshare-pid",
+                "--unshare-ipc",
+                "--unshare-uts",
+                "--unshare-net",
+                "--new-session",
+                "--die-with-parent",
+                "--clearenv",
+            ] {
+                assert!(a.iter().any(|x| x == flag), "{flag} missing (egress {egress})");
+            }
+            assert_eq!(a.iter().filter(|x| *x == "--add-seccomp-fd").count(), 3);
+            let cap = a.iter().position(|x| x == "--cap-drop").unwrap();
+            assert_eq!(a[cap + 1], "ALL");
+            let block = a.iter().position(|x| x == "--userns-block-fd").unwrap();
+            assert_eq!(a[block + 1], FD_USERNS_BLOCK.to_string());
+            assert_eq!(a.last().unwrap(), "/proc/self/fd/9");
+            // Only an egress box gets a resolver, and never the host's file.
+            assert_eq!(a.iter().any(|x| x == "--ro-bind-data"), egress);
+            assert!(!a.iter().any(|x| x.contains("/etc/resolv.conf") && x != "/etc/resolv.conf"));
+            assert!(!a.iter().any(|x| x == "--ro-bind-try"));
         }
-        assert_eq!(a.iter().filter(|x| *x == "--add-seccomp-fd").count(), 3);
-        let cap = a.iter().position(|x| x == "--cap-drop").unwrap();
-        assert_eq!(a[cap + 1], "ALL");
-        assert_eq!(a.last().unwrap(), "/proc/self/fd/8");
-        let b = bwrap_args(&launch(true), 3);
-        assert!(!b.iter().any(|x| x == "--unshare-net"));
     }
 
     #[test]
-    fn overlay_options_are_escaped() {
-        assert_eq!(overlay_escape(Path::new("/a,b:c\\d")), "/a\\,b\\:c\\\\d");
+    fn id_ranges_map_the_box_root_onto_their_base() {
+        let r = IdRange {
+            base: 0x7001_0000,
+            count: ID_RANGE,
+        };
+        assert_eq!(r.map_line(), "0 1879113728 65536\n");
+        assert!(r.contains(0x7001_0000) && r.contains(0x7001_ffff));
+        assert!(!r.contains(0x7002_0000) && !r.contains(0x7000_ffff));
     }
 }

@@ -19,6 +19,11 @@
 //!   read), so the C library falls back to `clone`, which is filtered.
 //! - on x86-64, every x32-ABI call (bit 30 of the number) is refused, so the
 //!   deny list cannot be side-stepped through the other system call table.
+//! - `socket` and `socketpair` only for the families in [`SOCKET_FAMILIES`]
+//!   (`EAFNOSUPPORT` otherwise, what a kernel without the family answers):
+//!   no `AF_VSOCK` (the host's and hypervisor's vsock port space), no raw
+//!   packet sockets, no Bluetooth, CAN, XDP, ALG or any other family a box
+//!   has no use for and the kernel has had bugs in.
 
 use std::collections::BTreeMap;
 
@@ -30,6 +35,15 @@ use seccompiler::{
 
 /// `ioctl` requests refused in a box.
 pub const DENIED_IOCTLS: [(u64, &str); 2] = [(0x5412, "TIOCSTI"), (0x541C, "TIOCLINUX")];
+
+/// Socket families a box may create: unix, IPv4, IPv6, netlink (its own
+/// network namespace's routing and addresses, which tools like `ip` read).
+pub const SOCKET_FAMILIES: [(u64, &str); 4] = [
+    (libc::AF_UNIX as u64, "AF_UNIX"),
+    (libc::AF_INET as u64, "AF_INET"),
+    (libc::AF_INET6 as u64, "AF_INET6"),
+    (libc::AF_NETLINK as u64, "AF_NETLINK"),
+];
 
 /// Namespace flags refused for `clone`.
 const CLONE_NS_FLAGS: [u64; 8] = [
@@ -140,6 +154,32 @@ fn deny_program() -> Result<BpfProgram> {
     BpfProgram::try_from(filter).map_err(|e| anyhow!("compiling seccomp filter: {e}"))
 }
 
+/// `socket`/`socketpair` of a family outside [`SOCKET_FAMILIES`] → `EAFNOSUPPORT`.
+fn socket_program() -> Result<BpfProgram> {
+    let outside = || -> Result<SeccompRule> {
+        let conditions = SOCKET_FAMILIES
+            .iter()
+            .map(|(family, _)| {
+                SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, *family)
+                    .map_err(|e| anyhow!("seccomp condition: {e}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        SeccompRule::new(conditions).map_err(|e| anyhow!("seccomp rule: {e}"))
+    };
+    let rules = BTreeMap::from([
+        (libc::SYS_socket, vec![outside()?]),
+        (libc::SYS_socketpair, vec![outside()?]),
+    ]);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EAFNOSUPPORT as u32),
+        arch()?,
+    )
+    .map_err(|e| anyhow!("seccomp filter: {e}"))?;
+    BpfProgram::try_from(filter).map_err(|e| anyhow!("compiling seccomp filter: {e}"))
+}
+
 /// `clone3` → `ENOSYS`, so callers fall back to the filtered `clone`.
 fn clone3_program() -> Result<BpfProgram> {
     let rules = BTreeMap::from([(libc::SYS_clone3, vec![])]);
@@ -184,7 +224,7 @@ pub struct Policy {
 impl Policy {
     /// Compile the box policy for this architecture.
     pub fn compile() -> Result<Policy> {
-        let mut programs = vec![deny_program()?, clone3_program()?];
+        let mut programs = vec![deny_program()?, clone3_program()?, socket_program()?];
         #[cfg(target_arch = "x86_64")]
         programs.push(x32_program());
         Ok(Policy { programs })
@@ -381,6 +421,49 @@ mod tests {
                 if errno_of(libc::syscall(0x4000_0000 + 39)) != libc::EPERM {
                     return 27;
                 }
+            }
+            0
+        });
+        assert_eq!(code, 0);
+    }
+
+    #[test]
+    fn only_allowed_socket_families_can_be_created() {
+        let code = in_filtered_child(|| unsafe {
+            for (family, _) in SOCKET_FAMILIES {
+                let fd = libc::socket(family as i32, libc::SOCK_DGRAM, 0);
+                if fd < 0 && crate::sys::errno() == libc::EAFNOSUPPORT {
+                    return 30;
+                }
+                if fd >= 0 {
+                    libc::close(fd);
+                }
+            }
+            for family in [libc::AF_VSOCK, libc::AF_PACKET, libc::AF_ALG, libc::AF_XDP, 45] {
+                for ty in [libc::SOCK_STREAM, libc::SOCK_DGRAM, libc::SOCK_RAW] {
+                    if libc::socket(family, ty, 0) >= 0
+                        || crate::sys::errno() != libc::EAFNOSUPPORT
+                    {
+                        return 31;
+                    }
+                }
+            }
+            // High bits above the 32 the kernel reads do not smuggle a family past the filter.
+            let vsock_high = libc::syscall(
+                libc::SYS_socket,
+                0x1_0000_0000u64 | libc::AF_VSOCK as u64,
+                libc::SOCK_STREAM,
+                0,
+            );
+            if vsock_high >= 0 || crate::sys::errno() != libc::EAFNOSUPPORT {
+                return 32;
+            }
+            let mut pair = [0; 2];
+            if libc::socketpair(libc::AF_VSOCK, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) >= 0 {
+                return 33;
+            }
+            if libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) != 0 {
+                return 34;
             }
             0
         });

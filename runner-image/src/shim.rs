@@ -145,6 +145,18 @@ fn setup(
             return Err(e);
         }
     };
+    if let Some(e) = &launch.egress {
+        let t_net = Instant::now();
+        if let Err(err) = crate::network::attach(e, started.pid1, &handle.net_ns) {
+            unsafe { libc::kill(started.pid1 as i32, libc::SIGKILL) };
+            return Err(err);
+        }
+        tracing::debug!(
+            net_ms = t_net.elapsed().as_secs_f64() * 1e3,
+            address = %e.address,
+            "egress interface up"
+        );
+    }
     handle.enter_pid_namespace()?;
     let sock = socket_path(box_dir);
     let _ = std::fs::remove_file(&sock);
@@ -159,6 +171,7 @@ fn setup(
         shim_start_time: sys::process_start_time(me).unwrap_or(0),
         bwrap_pid: started.bwrap_pid,
         pid1: started.pid1,
+        pid1_start_time: sys::process_start_time(started.pid1).unwrap_or(0),
         handle,
         launch,
         sessions: RefCell::new(HashMap::new()),
@@ -178,6 +191,7 @@ struct Shim {
     shim_start_time: u64,
     bwrap_pid: u32,
     pid1: u32,
+    pid1_start_time: u64,
     sessions: RefCell<HashMap<String, Rc<Session>>>,
     by_pid: RefCell<HashMap<u32, String>>,
     orphans: RefCell<HashMap<u32, i32>>,
@@ -254,6 +268,7 @@ impl Shim {
             shim_start_time: self.shim_start_time,
             bwrap_pid: self.bwrap_pid,
             pid1: self.pid1,
+            pid1_start_time: self.pid1_start_time,
             cgroup_dir,
             sessions,
         }
@@ -325,7 +340,7 @@ impl Shim {
         let (pid, master, stdin, outputs) = if spec.tty {
             let (master, peer) = sandbox::open_pty(
                 &self.handle,
-                self.launch.box_uid,
+                self.launch.ids.base,
                 spec.rows.unwrap_or(24),
                 spec.cols.unwrap_or(80),
             )?;

@@ -282,6 +282,27 @@ pub fn try_lock(path: &Path) -> Result<Option<File>> {
     Ok(Some(f))
 }
 
+/// Take an exclusive `flock` on `path` (created 0600), waiting for it.
+pub fn lock_wait(path: &Path) -> Result<File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("open lock {}", path.display()))?;
+    loop {
+        // SAFETY: flock on our descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(f);
+        }
+        if errno() != libc::EINTR {
+            bail!("flock {}: {}", path.display(), std::io::Error::last_os_error());
+        }
+    }
+}
+
 /// SHA-256 (lower-case hex) of a file's content.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = File::open(path).with_context(|| format!("open {}", path.display()))?;

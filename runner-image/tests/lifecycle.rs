@@ -138,7 +138,7 @@ async fn stop_start_and_delete_keep_state_until_deleted() {
     assert_eq!(r.status().await.boxes.len(), 1);
     // A different spec under the same id is a conflict.
     let mut other = common::spec(id, 256, false);
-    other.network = true;
+    other.network = protocol::NetworkMode::Egress;
     let e = runner_image::admin::call(&r.admin_socket(), &AdminRequest::Create { spec: other })
         .await
         .unwrap_err();

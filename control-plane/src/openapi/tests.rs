@@ -179,7 +179,8 @@ fn cases(reg: &mut Registry) -> Vec<Case> {
         image: "default".into(),
         resources: res(),
         env: map.clone(),
-        network: true,
+        network: NetworkMode::Egress,
+        egress_allow: vec!["10.1.0.0/16".parse().unwrap()],
     };
     let box_info = |full: bool| BoxInfo {
         id,
@@ -190,7 +191,16 @@ fn cases(reg: &mut Registry) -> Vec<Case> {
         desired_state: BoxState::Running,
         resources: res(),
         labels: if full { map.clone() } else { BTreeMap::new() },
-        network: full,
+        network: if full {
+            NetworkMode::Egress
+        } else {
+            NetworkMode::None
+        },
+        egress_allow: if full {
+            vec!["10.1.2.3/32".parse().unwrap()]
+        } else {
+            vec![]
+        },
         error: full.then(|| "oops".into()),
         created_at: t,
         updated_at: t,
@@ -256,7 +266,8 @@ fn cases(reg: &mut Registry) -> Vec<Case> {
             spec.clone(),
             BoxSpec {
                 env: BTreeMap::new(),
-                network: false,
+                network: NetworkMode::None,
+                egress_allow: vec![],
                 ..spec.clone()
             },
         ),
@@ -269,7 +280,8 @@ fn cases(reg: &mut Registry) -> Vec<Case> {
                 disk_mib: Some(3),
                 env: map.clone(),
                 labels: map.clone(),
-                network: true,
+                network: NetworkMode::Egress,
+                egress_allow: vec!["192.168.0.0/24".parse().unwrap()],
             },
             CreateBoxRequest::default(),
         ),

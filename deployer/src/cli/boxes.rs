@@ -58,9 +58,14 @@ pub struct CreateArgs {
     /// Label (repeatable).
     #[arg(long = "label", short = 'l', value_name = "KEY=VALUE", value_parser = key_value)]
     labels: Vec<(String, String)>,
-    /// Give the box network access.
-    #[arg(long)]
-    network: bool,
+    /// Network mode: `none` (loopback only) or `egress` (outbound through the
+    /// runner's NAT; never the host, link-local, private ranges or other boxes).
+    #[arg(long, value_name = "MODE", default_value = "none", value_parser = network_mode)]
+    network: protocol::NetworkMode,
+    /// A private destination (IPv4 CIDR) the egress box may reach, within the
+    /// stage's allow-list (repeatable).
+    #[arg(long = "egress-allow", value_name = "CIDR", value_parser = cidr)]
+    egress_allow: Vec<protocol::Ipv4Cidr>,
     /// Return as soon as the box is placed, without waiting until it runs.
     #[arg(long)]
     no_wait: bool,
@@ -116,6 +121,14 @@ pub struct RmArgs {
     ids: Vec<Uuid>,
 }
 
+fn network_mode(s: &str) -> Result<protocol::NetworkMode, String> {
+    s.parse()
+}
+
+fn cidr(s: &str) -> Result<protocol::Ipv4Cidr, String> {
+    s.parse()
+}
+
 fn key_value(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
@@ -155,6 +168,7 @@ pub async fn run(
                 env: a.env.into_iter().collect::<BTreeMap<_, _>>(),
                 labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),
                 network: a.network,
+                egress_allow: a.egress_allow,
             };
             let b = c.create_box(&req).await?;
             if !a.no_wait {

@@ -272,6 +272,7 @@ impl Drop for Runner {
         self.kill9();
         cleanup_processes(&self.state);
         cleanup_cgroups(&self.name);
+        runner_image::network::teardown(&self.state);
     }
 }
 
@@ -319,7 +320,125 @@ pub fn cleanup_cgroups(name: &str) {
     }
 }
 
-/// A box spec with the default image.
+/// A stand-in for the internet: a network namespace of the test's own,
+/// routed from the host through a veth pair, holding a public-looking
+/// address (TEST-NET-2) and a private one (10.199.x.1), with an HTTP server
+/// on port 8080 of every address (it answers with the address it was
+/// reached at) and a UDP echo on port 53 (standing in for a resolver).
+pub struct Internet {
+    name: String,
+    /// The namespace's public address.
+    pub addr: std::net::Ipv4Addr,
+    /// The host's end of the link.
+    pub host_addr: std::net::Ipv4Addr,
+    /// A private (RFC 1918) address of the namespace, routed from the host.
+    pub private_addr: std::net::Ipv4Addr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn ip(args: &str) {
+    let st = Command::new("ip")
+        .args(args.split_whitespace())
+        .status()
+        .unwrap();
+    assert!(st.success(), "ip {args}");
+}
+
+impl Internet {
+    /// Create the namespace, its link and routes, and start the servers.
+    pub fn start() -> Internet {
+        let _lock = runner_image::sys::lock_wait(Path::new("/tmp/boxlite-test-internet.lock")).unwrap();
+        let routes = String::from_utf8(
+            Command::new("ip").args(["-4", "route", "show", "table", "all"]).output().unwrap().stdout,
+        )
+        .unwrap();
+        let k = (0..64u8)
+            .find(|k| !routes.contains(&format!("198.51.100.{} ", k * 4 + 2)) && !routes.contains(&format!("198.51.100.{}/30", k * 4)))
+            .expect("a free /30 in 198.51.100.0/24");
+        let name = format!("bxt-inet-{}-{k}", std::process::id());
+        let host_if = format!("bxti{}x{k}", std::process::id() % 100_000);
+        let host_addr = std::net::Ipv4Addr::new(198, 51, 100, k * 4 + 1);
+        let addr = std::net::Ipv4Addr::new(198, 51, 100, k * 4 + 2);
+        let private_addr = std::net::Ipv4Addr::new(10, 199, k, 1);
+        ip(&format!("netns add {name}"));
+        ip(&format!("link add {host_if} type veth peer name eth0 netns {name}"));
+        ip(&format!("addr add {host_addr}/30 dev {host_if}"));
+        ip(&format!("link set {host_if} up"));
+        ip(&format!("-n {name} addr add {addr}/30 dev eth0"));
+        ip(&format!("-n {name} addr add {private_addr}/32 dev eth0"));
+        ip(&format!("-n {name} link set eth0 up"));
+        ip(&format!("-n {name} link set lo up"));
+        ip(&format!("-n {name} route add default via {host_addr}"));
+        ip(&format!("route add {private_addr}/32 via {addr}"));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for udp in [false, true] {
+            let (stop, ns) = (stop.clone(), format!("/run/netns/{name}"));
+            threads.push(std::thread::spawn(move || {
+                use std::os::fd::AsRawFd;
+                let f = std::fs::File::open(&ns).unwrap();
+                assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+                if udp {
+                    let s = std::net::UdpSocket::bind("0.0.0.0:53").unwrap();
+                    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                    let mut buf = [0u8; 512];
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if let Ok((n, from)) = s.recv_from(&mut buf) {
+                            let mut reply = b"dns-echo:".to_vec();
+                            reply.extend_from_slice(&buf[..n]);
+                            let _ = s.send_to(&reply, from);
+                        }
+                    }
+                } else {
+                    let l = std::net::TcpListener::bind("0.0.0.0:8080").unwrap();
+                    l.set_nonblocking(true).unwrap();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        match l.accept() {
+                            Ok((mut c, _)) => {
+                                use std::io::{Read, Write};
+                                c.set_nonblocking(false).unwrap();
+                                c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                                let mut buf = [0u8; 1024];
+                                let _ = c.read(&mut buf);
+                                let body = format!("internet:{}", c.local_addr().unwrap().ip());
+                                let _ = c.write_all(
+                                    format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+                                        .as_bytes(),
+                                );
+                            }
+                            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                        }
+                    }
+                }
+            }));
+        }
+        Internet {
+            name,
+            addr,
+            host_addr,
+            private_addr,
+            stop,
+            threads,
+        }
+    }
+}
+
+impl Drop for Internet {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let _ = Command::new("ip")
+            .args(["route", "del", &format!("{}/32", self.private_addr)])
+            .status();
+        // The veth pair goes with the namespace.
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// A box spec with the default image (`network`: egress when true, else none).
 pub fn spec(id: Uuid, memory_mib: u64, network: bool) -> BoxSpec {
     BoxSpec {
         id,
@@ -330,7 +449,12 @@ pub fn spec(id: Uuid, memory_mib: u64, network: bool) -> BoxSpec {
             disk_mib: 1024,
         },
         env: BTreeMap::from([("BOX_GREETING".to_string(), "hello".to_string())]),
-        network,
+        network: if network {
+            protocol::NetworkMode::Egress
+        } else {
+            protocol::NetworkMode::None
+        },
+        egress_allow: vec![],
     }
 }
 
@@ -546,6 +670,122 @@ impl FakeCp {
 impl Drop for FakeCp {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A static probe for the escape tests, run inside boxes:
+/// - `probe abstract NAME`: connect to the abstract unix socket `@NAME`;
+/// - `probe socket FAMILY`: create a socket of that family number;
+/// - `probe udp ADDR PORT TEXT`: send TEXT, print the answer (2 s timeout);
+/// - `probe inotify N`: create up to N inotify instances, print how many worked;
+/// - `probe nofile`: open /dev/null until it fails, print how many and why.
+pub const PROBE_SOURCE: &str = r#"
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/time.h>
+#include <sys/inotify.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+int main(int argc, char **argv) {
+    if (argc >= 3 && !strcmp(argv[1], "abstract")) {
+        int s = socket(AF_UNIX, SOCK_STREAM, 0);
+        struct sockaddr_un a; memset(&a, 0, sizeof a); a.sun_family = AF_UNIX;
+        size_t n = strlen(argv[2]); memcpy(a.sun_path + 1, argv[2], n);
+        if (connect(s, (struct sockaddr *)&a, sizeof(sa_family_t) + 1 + n) == 0) { puts("abstract=connected"); return 0; }
+        printf("abstract=refused %s\n", strerror(errno)); return 1;
+    }
+    if (argc >= 3 && !strcmp(argv[1], "socket")) {
+        int types[] = { SOCK_STREAM, SOCK_DGRAM, SOCK_RAW, SOCK_SEQPACKET };
+        for (int i = 0; i < 4; i++) {
+            int s = socket(atoi(argv[2]), types[i], 0);
+            if (s >= 0) { printf("socket=created type %d\n", types[i]); return 0; }
+            printf("socket=refused %s\n", strerror(errno));
+        }
+        return 1;
+    }
+    if (argc >= 5 && !strcmp(argv[1], "udp")) {
+        int s = socket(AF_INET, SOCK_DGRAM, 0);
+        struct timeval tv = { 2, 0 }; setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        struct sockaddr_in a; memset(&a, 0, sizeof a); a.sin_family = AF_INET;
+        a.sin_port = htons(atoi(argv[3])); inet_pton(AF_INET, argv[2], &a.sin_addr);
+        sendto(s, argv[4], strlen(argv[4]), 0, (struct sockaddr *)&a, sizeof a);
+        char buf[600]; ssize_t n = recv(s, buf, sizeof buf - 1, 0);
+        if (n < 0) { printf("udp=no-answer %s\n", strerror(errno)); return 1; }
+        buf[n] = 0; printf("udp=%s\n", buf); return 0;
+    }
+    if (argc >= 3 && !strcmp(argv[1], "inotify")) {
+        int want = atoi(argv[2]), got = 0;
+        for (; got < want; got++) if (inotify_init1(IN_CLOEXEC) < 0) break;
+        printf("inotify=%d %s\n", got, got < want ? strerror(errno) : "ok");
+        fflush(stdout);
+        if (argc >= 4) sleep(atoi(argv[3]));
+        return 0;
+    }
+    if (argc >= 2 && !strcmp(argv[1], "nofile")) {
+        int n = 0;
+        while (open("/dev/null", O_RDONLY) >= 0) n++;
+        printf("nofile=%d %s\n", n, strerror(errno));
+        return 0;
+    }
+    fputs("usage: probe abstract|socket|udp|inotify|nofile ...\n", stderr);
+    return 2;
+}
+"#;
+
+/// An OCI layout with busybox (as `/bin/busybox`, `/bin/sh`) and the given
+/// extra files (path, bytes, mode), written to `out`.
+pub fn busybox_image_with(out: &Path, extra: &[(&str, Vec<u8>, u32)]) {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, data: &[u8], mode: u32| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(mode);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, path, data).unwrap();
+    };
+    add("bin/busybox", &std::fs::read("/bin/busybox").unwrap(), 0o755);
+    for (path, data, mode) in extra {
+        add(path, data, *mode);
+    }
+    for applet in ["sh", "wget", "ip", "cat", "echo", "sleep", "timeout", "grep", "ls", "id", "awk", "mkdir", "tr", "wc", "ps", "head"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        b.append_link(&mut h, format!("bin/{applet}"), "busybox").unwrap();
+    }
+    let layer = b.into_inner().unwrap();
+    runner_image::images::write_oci_layout(out, &[layer], &["PATH=/bin"]).unwrap();
+}
+
+impl Runner {
+    /// Import an OCI layout as image `name` (the agent is restarted around it).
+    pub async fn import_image(&mut self, name: &str, layout: &Path) {
+        self.kill9();
+        let st = Command::new(bin())
+            .args(["image", "import", name])
+            .arg(layout)
+            .arg("--config")
+            .arg(&self.config)
+            .current_dir(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "image import {name}");
+        self.spawn().await;
+    }
+
+    /// Create (and start) a box from a full spec; the error's text when refused.
+    pub async fn try_create(&self, spec: BoxSpec) -> Result<(), String> {
+        runner_image::admin::call(&self.admin_socket(), &AdminRequest::Create { spec })
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
     }
 }
 

@@ -1,4 +1,6 @@
-//! A box is really isolated: real bubblewrap, overlayfs and cgroups.
+//! The escape suite: every way out of a box we know of, tried for real
+//! (bubblewrap, overlayfs, cgroups, nftables, network namespaces), each
+//! asserting it is refused. A box is really isolated.
 //! (Run as root: the agent mounts and creates cgroups.)
 
 mod common;
@@ -122,38 +124,214 @@ async fn box_cannot_see_host_or_other_boxes_processes() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn box_has_no_network_unless_asked() {
-    // A service on the host's loopback.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+/// A TCP server on `addr` answering every connection with `body`.
+fn serve(addr: &str, body: &'static str) -> u16 {
+    let listener = std::net::TcpListener::bind(addr).unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for c in listener.incoming().flatten() {
             use std::io::Write;
             let mut c = c;
-            let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 9\r\n\r\nhost-here");
+            let _ = c.write_all(
+                format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes(),
+            );
         }
     });
-    let r = Runner::start(Options::default()).await;
-    let closed = r.create_box(128, false).await;
-    let open = r.create_box(128, true).await;
-    let probe = format!(
-        "ip -o link | awk '{{print $2}}'; timeout 5 wget -q -O - http://127.0.0.1:{port}/ 2>&1; echo rc=$?"
+    port
+}
+
+/// `wget` `url` from inside box `id`: its output and ` rc=N` (no `-T`:
+/// busybox 1.35's wget crashes with it on a refused connection).
+async fn fetch(r: &Runner, id: uuid::Uuid, url: &str) -> String {
+    r.sh(id, &format!("timeout 4 wget -q -O - {url} 2>&1; echo \" rc=$?\""))
+        .await
+        .0
+}
+
+/// [`fetch`] of every URL at once (each may take its full timeout), in order.
+async fn fetch_all(r: &Runner, id: uuid::Uuid, urls: &[String]) -> Vec<String> {
+    let mut script = String::from("mkdir -p /tmp\n");
+    for (i, u) in urls.iter().enumerate() {
+        script.push_str(&format!(
+            "(o=$(timeout 4 wget -q -O - {u} 2>&1); echo \"$o rc=$?\" > /tmp/fetch-{i}) &\n"
+        ));
+    }
+    script.push_str("wait\n");
+    for i in 0..urls.len() {
+        script.push_str(&format!("echo \"@@{i}\"; cat /tmp/fetch-{i}\n"));
+    }
+    let (out, _) = r.sh(id, &script).await;
+    (0..urls.len())
+        .map(|i| {
+            let start = out.find(&format!("@@{i}\n")).map(|p| p + 3 + i.to_string().len());
+            let end = out.find(&format!("@@{}\n", i + 1)).unwrap_or(out.len());
+            start.map(|s| out[s..end].to_string()).unwrap_or_else(|| format!("no result in {out}"))
+        })
+        .collect()
+}
+
+/// The address of box `id`'s `eth0` and its gateway.
+async fn box_addresses(r: &Runner, id: uuid::Uuid) -> (String, String) {
+    let (out, _) = r
+        .sh(id, "ip -4 -o addr show dev eth0 | awk '{print $4}'; ip -4 route show default | awk '{print $3}'")
+        .await;
+    let mut l = out.lines();
+    let addr = l.next().unwrap_or_default().trim_end_matches("/32").to_string();
+    let gw = l.next().unwrap_or_default().to_string();
+    assert!(!addr.is_empty() && !gw.is_empty(), "no address: {out}");
+    (addr, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_box_reaches_the_host_other_boxes_or_private_networks() {
+    let inet = common::Internet::start();
+    let loopback_port = serve("127.0.0.1:0", "host-loopback");
+    let any_port = serve("0.0.0.0:0", "host-any");
+    // The host's own abstract unix socket, shared by every process of its network namespace.
+    let abstract_name = format!("bxt-abstract-{}", rand::random::<u32>());
+    let abstract_listener = {
+        use std::os::linux::net::SocketAddrExt;
+        let a = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes()).unwrap();
+        std::os::unix::net::UnixListener::bind_addr(&a).unwrap()
+    };
+    let mut r = Runner::start(Options {
+        extra: format!(
+            "box_dns = \"{}\"\negress_allow = [\"10.199.0.0/16\"]\n",
+            inet.addr
+        ),
+        ..Default::default()
+    })
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let probe = common::build_static(work.path(), "probe", common::PROBE_SOURCE);
+    let layout = work.path().join("probe.tar");
+    common::busybox_image_with(
+        &layout,
+        &[
+            ("probe", std::fs::read(&probe).unwrap(), 0o755),
+            ("www/index.html", b"box-server".to_vec(), 0o644),
+        ],
     );
-    let (out, _) = r.sh(closed, &probe).await;
-    assert!(out.contains("lo:"), "{out}");
-    assert_eq!(
-        out.lines().filter(|l| l.ends_with(':')).count(),
-        1,
-        "only loopback: {out}"
+    r.import_image("probe", &layout).await;
+    let make = |network: bool, allow: &[&str]| {
+        let mut s = common::spec(uuid::Uuid::new_v4(), 128, network);
+        s.image = "probe".into();
+        s.egress_allow = allow.iter().map(|a| a.parse().unwrap()).collect();
+        s
+    };
+    let (a, b, allowed, none) = (
+        make(true, &[]),
+        make(true, &[]),
+        make(true, &[&format!("{}/32", inet.private_addr)]),
+        make(false, &[]),
     );
-    assert!(!out.contains("host-here"), "{out}");
+    for s in [&a, &b, &allowed, &none] {
+        r.try_create(s.clone()).await.unwrap();
+    }
+    let (a, b, allowed, none) = (a.id, b.id, allowed.id, none.id);
+    let (a_addr, gw) = box_addresses(&r, a).await;
+    let (b_addr, _) = box_addresses(&r, b).await;
+    assert_ne!(a_addr, b_addr);
+
+    // The internet works, by address and through the resolver path.
+    let out = fetch(&r, a, &format!("http://{}:8080/", inet.addr)).await;
+    assert!(out.contains(&format!("internet:{}", inet.addr)), "{out}");
+    let (out, _) = r.sh(a, "cat /etc/resolv.conf").await;
+    assert!(out.contains(&format!("nameserver {gw}")), "{out}");
+    let (out, _) = r.sh(a, &format!("/probe udp {gw} 53 hello")).await;
+    assert!(out.contains("udp=dns-echo:hello"), "the resolver path: {out}");
+
+    // Nothing of the host: its loopback services, its addresses (also the
+    // gateway's), the runner's API, other ports of the gateway, metadata.
+    let urls = [
+        format!("http://127.0.0.1:{loopback_port}/"),
+        format!("http://127.0.0.1:{}/api/health", r.port),
+        format!("http://{gw}:{any_port}/"),
+        format!("http://{gw}:{}/api/health", r.port),
+        format!("http://{}:{any_port}/", inet.host_addr),
+        "http://169.254.169.254/latest/meta-data/".to_string(),
+        format!("http://{}:8080/", inet.private_addr),
+    ];
+    for (url, out) in urls.iter().zip(fetch_all(&r, a, &urls).await) {
+        assert!(out.contains(" rc="), "{url}: no result: {out}");
+        assert!(
+            !out.contains("host-") && !out.contains("internet:") && !out.contains("\"status\""),
+            "{url}: {out}"
+        );
+        assert!(!out.contains(" rc=0"), "{url} answered: {out}");
+    }
+    let (out, _) = r.sh(a, &format!("/probe udp {gw} 54 hello; /probe udp {} 53 direct", inet.host_addr)).await;
+    assert!(!out.contains("dns-echo"), "{out}");
+    let (out, _) = r.sh(a, &format!("/probe abstract {abstract_name}")).await;
+    assert!(out.contains("abstract=refused"), "the host's abstract socket: {out}");
+    drop(abstract_listener);
+
+    // Not another box: box B serves on its own address, A cannot connect.
+    let (ws, _) = Ws::open(
+        &r,
+        b,
+        &ExecStart {
+            command: vec!["busybox".into(), "httpd".into(), "-f".into(), "-p".into(), "9000".into(), "-h".into(), "/www".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    ws.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = fetch(&r, b, "http://127.0.0.1:9000/").await;
+    assert!(out.contains("box-server rc=0"), "box B's own server runs: {out}");
+    let out = fetch(&r, a, &format!("http://{b_addr}:9000/")).await;
+    assert!(!out.contains("box-server") && !out.contains(" rc=0"), "box A reached box B: {out}");
+    // A box listening on a port is not listening on the host.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", 9000)).is_err());
+
+    // A box cannot give itself another address (to borrow B's allowances).
+    let (out, _) = r.sh(a, &format!("ip addr add {b_addr}/32 dev eth0 2>&1; echo rc=$?")).await;
     assert!(!out.contains("rc=0"), "{out}");
-    let (out, _) = r.sh(open, &probe).await;
-    assert!(
-        out.contains("host-here"),
-        "network box reaches the host: {out}"
-    );
+
+    // The allow-list opens exactly the private destination it names.
+    let out = fetch(&r, allowed, &format!("http://{}:8080/", inet.private_addr)).await;
+    assert!(out.contains(&format!("internet:{}", inet.private_addr)), "{out}");
+    let out = fetch(&r, allowed, &format!("http://127.0.0.1:{loopback_port}/")).await;
+    assert!(!out.contains("host-loopback"), "{out}");
+
+    // A `none` box has its loopback and nothing else.
+    let (out, _) = r.sh(none, "ip -o link | awk '{print $2}'").await;
+    assert_eq!(out.trim(), "lo:", "{out}");
+    let out = fetch(&r, none, &format!("http://{}:8080/", inet.addr)).await;
+    assert!(!out.contains("internet:"), "{out}");
+
+    // Refused up front: an allow-list outside the stage's, or on a none box,
+    // or naming what nothing may reach.
+    for (network, allow) in [(true, "192.168.0.0/16"), (false, "10.199.0.0/16"), (true, "169.254.169.254/32")] {
+        let e = r.try_create(make(network, &[allow])).await.unwrap_err();
+        assert!(e.contains("egress_allow"), "{allow}: {e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boxes_have_no_vsock_raw_sockets_or_exotic_families() {
+    let mut r = Runner::start(Options::default()).await;
+    let work = tempfile::tempdir().unwrap();
+    let probe = common::build_static(work.path(), "probe", common::PROBE_SOURCE);
+    let layout = work.path().join("probe.tar");
+    common::busybox_image_with(&layout, &[("probe", std::fs::read(&probe).unwrap(), 0o755)]);
+    r.import_image("probe", &layout).await;
+    let mut s = common::spec(uuid::Uuid::new_v4(), 128, true);
+    s.image = "probe".into();
+    let id = s.id;
+    r.try_create(s).await.unwrap();
+    // AF_VSOCK (40), AF_PACKET (17), AF_BLUETOOTH (31), AF_ALG (38), AF_XDP (44), AF_CAN (29).
+    for family in [40, 17, 31, 38, 44, 29] {
+        let (out, code) = r.sh(id, &format!("/probe socket {family}")).await;
+        assert_ne!(code, 0, "family {family}: {out}");
+        assert!(out.contains("Address family not supported"), "family {family}: {out}");
+    }
+    // The allowed ones still work.
+    for family in [1, 2, 10, 16] {
+        let (out, code) = r.sh(id, &format!("/probe socket {family}")).await;
+        assert_eq!(code, 0, "family {family}: {out}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,3 +604,4 @@ async fn box_cannot_inject_input_into_the_runners_terminal() {
         libc::close(slave);
     }
 }
+
