@@ -133,3 +133,232 @@ async fn export_and_import_under_the_same_id_on_another_runner() {
     let (out, _) = b.sh(id, "cat /root/work/file").await;
     assert_eq!(out.trim(), "payload");
 }
+
+/// A box archive for `id` with a valid metadata entry, then whatever `entries` appends.
+fn archive_with(
+    id: uuid::Uuid,
+    entries: impl FnOnce(&mut tar::Builder<flate2::write::GzEncoder<Vec<u8>>>),
+) -> (Vec<u8>, String) {
+    use runner_image::export::{ExportMeta, FORMAT, META_ENTRY};
+    let meta = ExportMeta {
+        format: FORMAT,
+        box_id: id,
+        spec: common::spec(id, 128, false),
+        image_digest: String::new(),
+        created_at: "2030-01-01T00:00:00Z".into(),
+        exported_at: "2030-01-01T00:00:00Z".into(),
+        source_runner: "elsewhere".into(),
+    };
+    let json = serde_json::to_vec(&meta).unwrap();
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut b = tar::Builder::new(gz);
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o600);
+    h.set_size(json.len() as u64);
+    b.append_data(&mut h, META_ENTRY, &json[..]).unwrap();
+    entries(&mut b);
+    let bytes = b.into_inner().unwrap().finish().unwrap();
+    let sha = hex::encode(Sha256::digest(&bytes));
+    (bytes, sha)
+}
+
+type Tar = tar::Builder<flate2::write::GzEncoder<Vec<u8>>>;
+
+fn dir(b: &mut Tar, path: &str) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    b.append_data(&mut h, path, std::io::empty()).unwrap();
+}
+
+fn file(b: &mut Tar, path: &str, data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(data.len() as u64);
+    b.append_data(&mut h, path, data).unwrap();
+}
+
+fn link(b: &mut Tar, kind: tar::EntryType, path: &str, target: &str) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(0o777);
+    h.set_size(0);
+    b.append_link(&mut h, path, target).unwrap();
+}
+
+/// Owner, mode and entries of a directory, to compare before and after.
+fn fingerprint(p: &std::path::Path) -> (u32, u32, u32, Vec<String>) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(p)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    (m.uid(), m.gid(), m.mode(), names)
+}
+
+/// POST an archive to the import endpoint; the status and error code.
+async fn post_import(r: &Runner, id: uuid::Uuid, body: Vec<u8>, sha: &str) -> (u16, String) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/boxes/{id}/import", r.url()))
+        .bearer_auth(common::KEY)
+        .header("x-boxlite-sha256", sha)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let code = serde_json::from_str::<protocol::ApiError>(&text)
+        .map(|e| format!("{}: {}", e.code, e.message))
+        .unwrap_or(text);
+    (status, code)
+}
+
+/// Finding 1 of issue 12: an archive whose `upper` is not a directory — a
+/// symlink to a host directory (standing for /etc) or to the image every box
+/// shares, a file — is refused, and the target keeps its owner, mode and
+/// content. Entries that try to write through a symlink or hard-link out of
+/// the box are refused too. Nothing stays behind in the runner's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_refuses_archives_that_reach_out_of_the_box() {
+    use std::os::unix::fs::MetadataExt;
+    use tar::EntryType::{Link, Symlink};
+    let r = Runner::start(Options::default()).await;
+    // A root-owned host directory standing for /etc.
+    let host = tempfile::tempdir().unwrap();
+    let victim = host.path().join("etc");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("hosts"), "127.0.0.1 localhost\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let v = victim.to_str().unwrap().to_string();
+    let rootfs = r.state.join("images/default/rootfs");
+    assert!(rootfs.is_dir());
+    let rootfs_s = rootfs.to_str().unwrap().to_string();
+    let victim_before = fingerprint(&victim);
+    assert_eq!(victim_before.0, 0, "the stand-in for /etc is root's");
+    let rootfs_before = fingerprint(&rootfs);
+
+    type Case = (&'static str, Box<dyn FnOnce(&mut Tar)>);
+    let (v1, v2, v3, v4, v5, r1) = (
+        v.clone(),
+        v.clone(),
+        v.clone(),
+        v.clone(),
+        v.clone(),
+        rootfs_s,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "upper is a symlink to a host directory",
+            Box::new(move |b| link(b, Symlink, "upper", &v1)),
+        ),
+        (
+            "upper is a symlink to the shared image",
+            Box::new(move |b| link(b, Symlink, "upper", &r1)),
+        ),
+        (
+            "upper is a relative symlink to the shared image",
+            Box::new(|b| link(b, Symlink, "upper", "../../images/default/rootfs")),
+        ),
+        (
+            "upper is a regular file",
+            Box::new(|b| file(b, "upper", b"not a directory")),
+        ),
+        (
+            "upper is a directory first, then replaced by a symlink",
+            Box::new(move |b| {
+                dir(b, "upper/");
+                file(b, "upper/f", b"x");
+                link(b, Symlink, "upper", &v2);
+            }),
+        ),
+        (
+            "a symlink below upper, then an entry written through it",
+            Box::new(move |b| {
+                dir(b, "upper/");
+                link(b, Symlink, "upper/evil", &v3);
+                file(b, "upper/evil/pwned", b"x");
+            }),
+        ),
+        (
+            "a symlink below upper resolving to a directory the archive made",
+            Box::new(move |b| {
+                dir(b, "upper/");
+                link(b, Symlink, "upper/evil", &v4);
+                dir(b, &format!("{}/", v4.trim_start_matches('/')));
+                file(b, "upper/evil/pwned", b"x");
+            }),
+        ),
+        (
+            "a hard link to a host file",
+            Box::new(move |b| {
+                dir(b, "upper/");
+                link(b, Link, "upper/h", &format!("{v5}/hosts"));
+            }),
+        ),
+    ];
+    for (what, entries) in cases {
+        let id = uuid::Uuid::new_v4();
+        let (body, sha) = archive_with(id, entries);
+        let (status, err) = post_import(&r, id, body, &sha).await;
+        assert_eq!(status, 400, "{what}: {err}");
+        assert!(err.starts_with("bad_request"), "{what}: {err}");
+        assert_eq!(
+            fingerprint(&victim),
+            victim_before,
+            "{what}: host directory changed"
+        );
+        assert_eq!(
+            fingerprint(&rootfs),
+            rootfs_before,
+            "{what}: shared image changed"
+        );
+        assert_eq!(
+            std::fs::read_to_string(victim.join("hosts")).unwrap(),
+            "127.0.0.1 localhost\n"
+        );
+        assert_eq!(
+            std::fs::metadata(victim.join("hosts")).unwrap().nlink(),
+            1,
+            "{what}"
+        );
+        assert!(!r.box_dir(&id).exists(), "{what}");
+        let left: Vec<_> = std::fs::read_dir(r.state.join("boxes")).unwrap().collect();
+        assert!(left.is_empty(), "{what}: left behind {left:?}");
+        assert_eq!(std::fs::read_dir(r.state.join("tmp")).unwrap().count(), 0);
+        assert!(r.status().await.boxes.is_empty(), "{what}");
+    }
+    // The refusal names the problem.
+    let id = uuid::Uuid::new_v4();
+    let (body, sha) = archive_with(id, |b| link(b, Symlink, "upper", &v));
+    let (_, err) = post_import(&r, id, body, &sha).await;
+    assert!(err.contains("`upper`") && err.contains("symlink"), "{err}");
+    // A well-formed archive still imports.
+    let id = uuid::Uuid::new_v4();
+    let (body, sha) = archive_with(id, |b| {
+        dir(b, "upper/");
+        dir(b, "upper/root/");
+        file(b, "upper/root/note", b"kept\n");
+    });
+    let (status, err) = post_import(&r, id, body, &sha).await;
+    assert_eq!(status, 201, "{err}");
+    assert!(
+        std::fs::symlink_metadata(r.box_dir(&id).join("upper"))
+            .unwrap()
+            .is_dir()
+    );
+    r.admin(AdminRequest::Start { id }).await;
+    let (out, code) = r
+        .sh(
+            id,
+            "cat /root/note && echo new > /root/new && cat /root/new",
+        )
+        .await;
+    assert_eq!((code, out.as_str()), (0, "kept\nnew\n"));
+}
