@@ -1,15 +1,16 @@
 //! The runner's HTTP API, called by the control plane.
 //!
-//! - `GET /api/health` (no auth): [`protocol::RunnerHealth`], plus
-//!   `binary_sha256` (the running binary's SHA-256, which `upgrade` uses to
-//!   tell releases apart); 503 with status `degraded` when unhealthy.
+//! - `GET /api/health`: without the bearer key, [`protocol::RunnerLiveness`]
+//!   only (`{"status":"ok"}`, or `degraded` with 503), so a prober learns
+//!   that the runner is alive and nothing else; with it, [`HealthBody`]:
+//!   [`protocol::RunnerHealth`] plus the binary's SHA-256 and the pid.
 //! - `POST /api/boxes/{id}/exec`: [`protocol::ExecRequest`] → [`protocol::ExecResponse`].
 //! - `GET /api/boxes/{id}/exec/ws`: the exec WebSocket (see [`crate::exec`]).
 //! - `GET /api/boxes/{id}/export`: the box archive; SHA-256 in `x-boxlite-sha256`.
 //! - `POST /api/boxes/{id}/import`: archive body, `x-boxlite-sha256` required.
 //!
-//! Everything but health needs `Authorization: Bearer <api_key>`, the key
-//! the control plane handed out in its last healthcheck answer. Errors are
+//! Everything else needs `Authorization: Bearer <api_key>`, the key the
+//! control plane handed out in its last healthcheck answer. Errors are
 //! [`protocol::ApiError`] bodies.
 
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use protocol::{ApiError, ExecRequest, HealthStatus, RunnerHealth};
+use protocol::{ApiError, ExecRequest, HealthStatus, RunnerHealth, RunnerLiveness};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -96,14 +97,25 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
         .with_state(agent)
 }
 
-async fn auth(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
+/// The bearer key presented, if any.
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .map(str::to_string);
+}
+
+/// True when `headers` carry this runner's current bearer key.
+fn authenticated(agent: &Agent, headers: &HeaderMap) -> bool {
+    match (agent.api_key(), presented_key(headers)) {
+        (Some(k), Some(p)) => crate::sys::ct_eq(k.as_bytes(), p.as_bytes()),
+        _ => false,
+    }
+}
+
+async fn auth(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
+    let presented = presented_key(req.headers()).map(str::to_string);
     let key = agent.api_key();
     match (key, presented) {
         (None, _) => fail(
@@ -129,15 +141,24 @@ async fn sync(State(agent): State<Arc<Agent>>) -> StatusCode {
     StatusCode::ACCEPTED
 }
 
-async fn health(State(agent): State<Arc<Agent>>) -> Response {
+async fn health(State(agent): State<Arc<Agent>>, headers: HeaderMap) -> Response {
     let healthy = agent.healthy();
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let status = if healthy {
+        HealthStatus::Ok
+    } else {
+        HealthStatus::Degraded
+    };
+    if !authenticated(&agent, &headers) {
+        return (code, Json(RunnerLiveness { status })).into_response();
+    }
     let body = HealthBody {
         health: RunnerHealth {
-            status: if healthy {
-                HealthStatus::Ok
-            } else {
-                HealthStatus::Degraded
-            },
+            status,
             name: agent.config.name.clone(),
             version: crate::VERSION.to_string(),
             uptime_secs: agent.started.elapsed().as_secs(),
@@ -146,11 +167,6 @@ async fn health(State(agent): State<Arc<Agent>>) -> Response {
         },
         binary_sha256: agent.binary_sha256(),
         pid: std::process::id(),
-    };
-    let code = if healthy {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body)).into_response()
 }

@@ -358,3 +358,28 @@ async fn purge_deletes_every_box_and_takes_no_new_ones() {
     assert!(r.status().await.boxes.is_empty());
     assert!(cp.last().unwrap().boxes.is_empty());
 }
+
+/// Issue 12, finding 9: `GET /api/health` tells a caller without the
+/// runner's key only that it is alive — no name, version, box counts, binary
+/// checksum or pid. The key holder gets it all. (A degraded runner answers
+/// 503 `{"status":"degraded"}`: the upgrade tests' unhealthy release.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_tells_strangers_only_that_the_runner_is_alive() {
+    let r = Runner::start(Options::default()).await;
+    let id = r.create_box(96, false).await;
+    for key in [None, Some("wrong-key"), Some("")] {
+        let (s, body) = r.public_health(key).await.unwrap();
+        assert_eq!(s, 200);
+        assert_eq!(body, serde_json::json!({ "status": "ok" }), "key {key:?}");
+    }
+    // The control plane's key (and the local tools that read it) see everything.
+    let (s, full) = r.public_health(Some(common::KEY)).await.unwrap();
+    assert_eq!(s, 200);
+    assert_eq!(full["name"], r.name.as_str(), "{full}");
+    assert_eq!(full["version"], runner_image::VERSION);
+    assert_eq!(full["boxes_running"], 1);
+    assert_eq!(full["pid"].as_u64(), Some(u64::from(r.pid())));
+    assert!(r.status().await.boxes.iter().any(|b| b.id == id));
+    assert!(full["binary_sha256"].is_string() || full["binary_sha256"].is_null());
+    assert!(full["boxes_adopted"].is_u64() && full["uptime_secs"].is_u64());
+}

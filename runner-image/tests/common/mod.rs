@@ -133,14 +133,14 @@ impl Runner {
         self.wait_healthy(Duration::from_secs(60)).await;
     }
 
-    /// Wait until `GET /api/health` answers 200.
-    pub async fn wait_healthy(&mut self, timeout: Duration) -> HealthBody {
+    /// Wait until `GET /api/health` answers 200 (no key needed for that).
+    pub async fn wait_healthy(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(h) = self.health().await
-                && h.0.is_success()
+            if let Ok((s, _)) = self.public_health(None).await
+                && s.is_success()
             {
-                return h.1;
+                return;
             }
             if let Some(c) = &mut self.child
                 && let Ok(Some(st)) = c.try_wait()
@@ -166,13 +166,38 @@ impl Runner {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// `GET /api/health`.
+    /// The bearer key the agent holds: the one in its state directory (the
+    /// seeded [`KEY`], or what the control plane handed out).
+    pub fn key(&self) -> String {
+        std::fs::read_to_string(self.state.join("api_key"))
+            .map(|k| k.trim().to_string())
+            .unwrap_or_else(|_| KEY.to_string())
+    }
+
+    /// `GET /api/health` with the agent's key: the full body.
     pub async fn health(&self) -> anyhow::Result<(reqwest::StatusCode, HealthBody)> {
         let r = reqwest::Client::new()
             .get(format!("{}/api/health", self.url()))
+            .bearer_auth(self.key())
             .timeout(Duration::from_secs(3))
             .send()
             .await?;
+        let s = r.status();
+        Ok((s, r.json().await?))
+    }
+
+    /// `GET /api/health` with `key` (or none): the raw body.
+    pub async fn public_health(
+        &self,
+        key: Option<&str>,
+    ) -> anyhow::Result<(reqwest::StatusCode, serde_json::Value)> {
+        let mut req = reqwest::Client::new()
+            .get(format!("{}/api/health", self.url()))
+            .timeout(Duration::from_secs(3));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let r = req.send().await?;
         let s = r.status();
         Ok((s, r.json().await?))
     }
