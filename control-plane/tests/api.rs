@@ -26,6 +26,7 @@ both_backends!(
     draining_and_unresponsive_runners_get_nothing,
     concurrent_creates_never_overbook,
     exec_is_proxied_with_the_runner_key,
+    a_new_agent_process_gets_a_new_runner_key,
     interactive_exec_is_relayed_over_websocket,
     moving_a_box_keeps_its_id_and_data,
     failed_moves_leave_the_box_where_it_was,
@@ -937,6 +938,83 @@ async fn exec_is_proxied_with_the_runner_key(b: Backend) {
         (s, v["code"].as_str()),
         (StatusCode::BAD_GATEWAY, Some("runner_unreachable"))
     );
+}
+
+/// Issue 12: the runner's API key is replaced at the first check-in of every
+/// agent process (a new `agent_instance`), so a key captured while the agent
+/// restarted is useless once it is back; check-ins of one process keep it,
+/// and a runner that sends no instance (an older build) keeps its key.
+async fn a_new_agent_process_gets_a_new_runner_key(b: Backend) {
+    let app = TestApp::start(b).await;
+    let (_, key) = app.org("acme").await;
+    let runner = FakeRunner::register(&app, "runner-1", res(8000, 16384, 100_000)).await;
+    let k1 = runner.sync().await.api_key;
+    assert!(k1.starts_with(RUNNER_API_KEY_PREFIX));
+    assert_eq!(runner.sync().await.api_key, k1, "same process, same key");
+    let id = running_box(&app, &key, &runner).await;
+    let exec = || {
+        let app = &app;
+        let key = key.clone();
+        async move {
+            app.call(
+                Method::POST,
+                &format!("/api/boxes/{id}/exec"),
+                Some(&key),
+                Some(json!({ "command": ["true"] })),
+            )
+            .await
+        }
+    };
+    assert_eq!(exec().await.0, StatusCode::OK);
+    let stored = || async {
+        sqlx::query("SELECT api_key FROM runners WHERE name = 'runner-1'")
+            .fetch_one(app.state.db.pool())
+            .await
+            .unwrap()
+            .try_get::<String, _>("api_key")
+            .unwrap()
+    };
+
+    // The agent restarts: its first check-in brings a new key, and the control
+    // plane presents only that one from then on.
+    runner.restart();
+    let k2 = runner.sync().await.api_key;
+    assert_ne!(k2, k1, "a new agent process gets a new key");
+    assert!(k2.starts_with(RUNNER_API_KEY_PREFIX));
+    assert_eq!(stored().await, k2);
+    assert_eq!(runner.sync().await.api_key, k2);
+    assert_eq!(exec().await.0, StatusCode::OK);
+    assert_eq!(runner.state.lock().unwrap().refused, 0);
+
+    // An older runner sends no instance: its key stays.
+    let mut legacy = runner.report();
+    legacy.agent_instance = None;
+    let (s, v) = runner.healthcheck_raw(&runner.token, &legacy).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["api_key"], k2.as_str());
+    // A malformed instance is refused, and changes nothing.
+    for bad in ["", "has space", &"x".repeat(65)] {
+        let mut r = runner.report();
+        r.agent_instance = Some(bad.to_string());
+        let (s, v) = runner.healthcheck_raw(&runner.token, &r).await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_agent_instance")),
+            "{bad:?}: {v}"
+        );
+    }
+    assert_eq!(stored().await, k2);
+    // Concurrent check-ins of one new process agree on one key.
+    runner.restart();
+    let report = runner.report();
+    let (a, b2) = tokio::join!(
+        runner.healthcheck_raw(&runner.token, &report),
+        runner.healthcheck_raw(&runner.token, &report)
+    );
+    assert_eq!((a.0, b2.0), (StatusCode::OK, StatusCode::OK));
+    assert_eq!(a.1["api_key"], b2.1["api_key"]);
+    assert_ne!(a.1["api_key"], k2.as_str());
+    assert_eq!(a.1["api_key"], stored().await.as_str());
 }
 
 async fn interactive_exec_is_relayed_over_websocket(b: Backend) {

@@ -73,6 +73,13 @@ pub struct HealthcheckRequest {
     /// builds of one version apart (`boxctl runner upgrade` confirms by it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub binary_sha256: Option<String>,
+    /// Random id of this agent process (1-64 of `[A-Za-z0-9_-]`), new at
+    /// every start and re-exec. When it differs from the last one seen, the
+    /// control plane issues a new `api_key`: a key captured before (e.g. by
+    /// squatting the runner's port while the agent restarted) is useless once
+    /// the real agent checks in. Absent from older runners (no rotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_instance: Option<String>,
     /// Every box the runner has, whatever its state.
     pub boxes: Vec<BoxReport>,
 }
@@ -111,7 +118,8 @@ pub struct HealthcheckResponse {
     pub state: RunnerState,
     /// Actions to apply now.
     pub actions: Vec<RunnerAction>,
-    /// Bearer key the control plane presents when it calls this runner's API.
+    /// Bearer key the control plane presents when it calls this runner's API;
+    /// replaced whenever a new agent process checks in (`agent_instance`).
     pub api_key: String,
     /// Seconds until the next healthcheck is expected.
     pub interval_secs: u64,

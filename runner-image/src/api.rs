@@ -115,6 +115,11 @@ fn authenticated(agent: &Agent, headers: &HeaderMap) -> bool {
 }
 
 async fn auth(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
+    // A new agent process gets a new key at its first check-in: never judge a
+    // request against the previous process's key while that is under way.
+    agent
+        .wait_first_check(crate::health::FIRST_CHECK_WAIT)
+        .await;
     let presented = presented_key(req.headers()).map(str::to_string);
     let key = agent.api_key();
     match (key, presented) {

@@ -65,6 +65,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "runner binary",
         include_str!("../../migrations/0002_runner_binary.sql"),
     ),
+    (
+        3,
+        "agent instance",
+        include_str!("../../migrations/0003_agent_instance.sql"),
+    ),
 ];
 
 /// Attempts of an operation that hit a serialization failure, deadlock or busy database.

@@ -390,6 +390,7 @@ fn cases(reg: &mut Registry) -> Vec<Case> {
                 capacity: res(),
                 usage: res(),
                 binary_sha256: Some("cd".repeat(32)),
+                agent_instance: Some("0123abcd".into()),
                 boxes: vec![report(true)],
             },
             HealthcheckRequest {
@@ -398,6 +399,7 @@ fn cases(reg: &mut Registry) -> Vec<Case> {
                 capacity: res(),
                 usage: res(),
                 binary_sha256: None,
+                agent_instance: None,
                 boxes: vec![],
             },
         ),

@@ -329,6 +329,8 @@ pub struct FakeRunner {
     pub capacity: Resources,
     /// SHA-256 of the binary it reports.
     pub binary_sha256: String,
+    /// The agent process id it reports (`restart` picks a new one).
+    pub instance: Mutex<String>,
     /// Shared state.
     pub state: Arc<Mutex<FakeState>>,
     cp: String,
@@ -405,11 +407,17 @@ impl FakeRunner {
             address,
             capacity,
             binary_sha256: format!("{:064x}", name.len()),
+            instance: Mutex::new(format!("{:032x}", rand::random::<u128>())),
             state,
             cp: app.url.clone(),
             http: reqwest::Client::new(),
             task,
         }
+    }
+
+    /// Pretend the agent process restarted: the next healthcheck reports a new `agent_instance`.
+    pub fn restart(&self) {
+        *self.instance.lock().unwrap() = format!("{:032x}", rand::random::<u128>());
     }
 
     /// The healthcheck this runner would send now.
@@ -439,6 +447,7 @@ impl FakeRunner {
             capacity: self.capacity,
             usage,
             binary_sha256: Some(self.binary_sha256.clone()),
+            agent_instance: Some(self.instance.lock().unwrap().clone()),
             boxes,
         }
     }

@@ -479,6 +479,15 @@ pub struct CpState {
     pub refused: u32,
     /// Actions sent with every answer (level-triggered, like the real one).
     pub actions: Vec<RunnerAction>,
+    /// The key handed out.
+    pub api_key: String,
+    /// Like the real control plane: a new key whenever another agent process
+    /// (`agent_instance`) checks in.
+    pub rotate: bool,
+    /// The last `agent_instance` seen.
+    pub instance: Option<String>,
+    /// Keys handed out so far, oldest first.
+    pub keys: Vec<String>,
 }
 
 /// A fake control plane on 127.0.0.1: answers healthchecks.
@@ -491,17 +500,30 @@ pub struct FakeCp {
 }
 
 impl FakeCp {
-    /// Start it.
+    /// Start it, handing out `api_key` for good.
     pub async fn start(token: &str, api_key: &str) -> FakeCp {
-        let state = Arc::new(Mutex::new(CpState::default()));
-        let (st, tok, key) = (state.clone(), token.to_string(), api_key.to_string());
+        Self::start_with(token, api_key, false).await
+    }
+
+    /// Start it, handing out `{api_key}-N`, a new N for every new agent process.
+    pub async fn start_rotating(token: &str, api_key: &str) -> FakeCp {
+        Self::start_with(token, api_key, true).await
+    }
+
+    async fn start_with(token: &str, api_key: &str, rotate: bool) -> FakeCp {
+        let state = Arc::new(Mutex::new(CpState {
+            api_key: api_key.to_string(),
+            rotate,
+            ..Default::default()
+        }));
+        let (st, tok, base) = (state.clone(), token.to_string(), api_key.to_string());
         let app = axum::Router::new().route(
             "/api/runners/healthcheck",
             axum::routing::post(
                 move |headers: axum::http::HeaderMap, body: axum::Json<HealthcheckRequest>| {
                     let st = st.clone();
                     let tok = tok.clone();
-                    let key = key.clone();
+                    let base = base.clone();
                     async move {
                         let ok = headers.get("authorization").and_then(|v| v.to_str().ok())
                             == Some(format!("Bearer {tok}").as_str());
@@ -510,11 +532,20 @@ impl FakeCp {
                             s.refused += 1;
                             return Err(axum::http::StatusCode::UNAUTHORIZED);
                         }
+                        if s.rotate
+                            && body.agent_instance.is_some()
+                            && body.agent_instance != s.instance
+                        {
+                            s.instance = body.agent_instance.clone();
+                            s.api_key = format!("{base}-{}", s.keys.len() + 1);
+                            let k = s.api_key.clone();
+                            s.keys.push(k);
+                        }
                         s.requests.push(body.0);
                         Ok(axum::Json(HealthcheckResponse {
                             state: RunnerState::Ready,
                             actions: s.actions.clone(),
-                            api_key: key,
+                            api_key: s.api_key.clone(),
                             interval_secs: 1,
                         }))
                     }
@@ -533,6 +564,11 @@ impl FakeCp {
             state,
             task,
         }
+    }
+
+    /// The key it hands out now.
+    pub fn key(&self) -> String {
+        self.state.lock().unwrap().api_key.clone()
     }
 
     /// Replace the standing actions.
