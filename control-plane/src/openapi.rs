@@ -430,6 +430,13 @@ api_object!(HealthcheckResponse as "HealthcheckResponse", "Answer of POST /api/r
     req actions: Vec<RunnerAction> => "Actions to apply now.",
     req api_key: String => "Bearer key (`bxc_...`) the control plane presents when it calls this runner's API; replaced when a new agent process checks in (another agent_instance).",
     req interval_secs: u64 => "Seconds until the next healthcheck is expected.",
+    opt imports: Vec<ImportGrant> => "Imports announced to this runner and not yet expired or withdrawn; an import request must present the matching one-time token.",
+});
+
+api_object!(ImportGrant as "ImportGrant", "An import of a box archive announced to a runner: the import request presents the token in x-boxlite-import-token, accepted once, for this box, until expires_at." {
+    req box_id: Uuid => "The box the archive must hold.",
+    req token_sha256: String => "SHA-256 (hex) of the one-time token.",
+    req expires_at: OffsetDateTime => "When the token stops being accepted.",
 });
 
 api_object!(OrganizationInfo as "OrganizationInfo", "An organization." {

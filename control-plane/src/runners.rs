@@ -634,12 +634,14 @@ pub async fn healthcheck(
             .collect();
         strays.sort();
         actions.extend(strays.into_iter().map(|id| RunnerAction::Delete { id }));
+        let imports = crate::imports::announced_to(&mut tx, &runner_id, now).await?;
         tx.commit().await?;
         Ok(HealthcheckResponse {
             state: me.state(cutoff),
             actions,
             api_key,
             interval_secs: state.config.runner_healthcheck_interval.as_secs(),
+            imports,
         })
     })
     .await

@@ -30,6 +30,7 @@ both_backends!(
     interactive_exec_is_relayed_over_websocket,
     moving_a_box_keeps_its_id_and_data,
     failed_moves_leave_the_box_where_it_was,
+    imports_are_announced_to_their_runner_until_they_expire,
     decommission_refuses_while_boxes_remain,
     organizations_and_keys,
     bad_input_gets_json_errors,
@@ -1170,7 +1171,21 @@ async fn moving_a_box_keeps_its_id_and_data(b: Backend) {
         assert_eq!(st.boxes[&id].data, original.data);
         assert_eq!(st.boxes[&id].spec, original.spec);
         assert_eq!(st.refused, 0);
+        // Announced to the target in its healthcheck answer, with the hash of
+        // the one-time token the import presented.
+        assert_eq!(st.presented.len(), 1);
+        let (token, grant) = &st.presented[0];
+        assert!(token.starts_with(IMPORT_TOKEN_PREFIX), "{token}");
+        assert_eq!(grant.box_id, id);
+        assert_eq!(grant.token_sha256, control_plane::tokens::sha256_hex(token));
+        let ttl = grant.expires_at - app.clock.now();
+        assert!(
+            ttl > time::Duration::ZERO && ttl <= time::Duration::minutes(2),
+            "{ttl}"
+        );
     }
+    // Withdrawn once the import returned: nothing left to replay.
+    assert_eq!(import_rows(&app).await, 0);
     assert_eq!(a.state.lock().unwrap().refused, 0);
     // Old runner is told to delete its copy, new runner to start it.
     assert_eq!(a.sync().await.actions, vec![RunnerAction::Delete { id }]);
@@ -1192,6 +1207,80 @@ async fn moving_a_box_keeps_its_id_and_data(b: Backend) {
         )
         .await;
     assert_eq!(s, StatusCode::OK);
+}
+
+async fn import_rows(app: &TestApp) -> i64 {
+    sqlx::query("SELECT COUNT(*) AS n FROM box_imports")
+        .fetch_one(app.state.db.pool())
+        .await
+        .unwrap()
+        .try_get("n")
+        .unwrap()
+}
+
+/// Issue 12: an import is announced to its target runner alone, in that
+/// runner's healthcheck answers, as the SHA-256 of a one-time token (the only
+/// form the database keeps), until it expires or is withdrawn.
+async fn imports_are_announced_to_their_runner_until_they_expire(b: Backend) {
+    use control_plane::imports::{self, Purpose};
+    let app = TestApp::start(b).await;
+    let (_, key) = app.org("acme").await;
+    // runner-a is clearly emptier, so the box is placed there.
+    let a = FakeRunner::register(&app, "runner-a", res(16000, 32768, 200_000)).await;
+    let bb = FakeRunner::register(&app, "runner-b", res(8000, 16384, 100_000)).await;
+    a.sync().await;
+    assert!(bb.sync().await.imports.is_empty());
+    let id = running_box(&app, &key, &a).await;
+    let b_id = app.runner("runner-b").await.id.to_string();
+    let token = imports::announce(&app.state, id, &b_id, Purpose::Move)
+        .await
+        .unwrap();
+    let token = token.expose().to_string();
+    assert!(token.starts_with(IMPORT_TOKEN_PREFIX));
+    let grants = bb.sync().await.imports;
+    assert_eq!(grants.len(), 1);
+    assert_eq!(grants[0].box_id, id);
+    assert_eq!(
+        grants[0].token_sha256,
+        control_plane::tokens::sha256_hex(&token)
+    );
+    assert_eq!(
+        grants[0].expires_at,
+        app.clock.now() + time::Duration::milliseconds(imports::TOKEN_TTL_MS)
+    );
+    assert!(
+        a.sync().await.imports.is_empty(),
+        "only the target hears of it"
+    );
+    let stored: String = sqlx::query("SELECT token_sha256 FROM box_imports")
+        .fetch_one(app.state.db.pool())
+        .await
+        .unwrap()
+        .try_get("token_sha256")
+        .unwrap();
+    assert_eq!(stored, grants[0].token_sha256, "only the hash is stored");
+    // A new announcement replaces the old one.
+    let again = imports::announce(&app.state, id, &b_id, Purpose::Move)
+        .await
+        .unwrap();
+    let grants = bb.sync().await.imports;
+    assert_eq!(grants.len(), 1);
+    assert_eq!(
+        grants[0].token_sha256,
+        control_plane::tokens::sha256_hex(again.expose())
+    );
+    // Expired: no longer announced (and pruned by the next announcement).
+    app.advance(121);
+    assert!(bb.sync().await.imports.is_empty());
+    imports::announce(&app.state, id, &b_id, Purpose::Restore)
+        .await
+        .unwrap();
+    assert_eq!(import_rows(&app).await, 1);
+    assert_eq!(bb.sync().await.imports.len(), 1);
+    // Withdrawn: gone.
+    imports::withdraw(&app.state, id, &b_id).await.unwrap();
+    assert!(bb.sync().await.imports.is_empty());
+    assert_eq!(import_rows(&app).await, 0);
 }
 
 async fn failed_moves_leave_the_box_where_it_was(b: Backend) {

@@ -110,6 +110,23 @@ pub enum RunnerAction {
     },
 }
 
+/// An import of a box archive the control plane announced to a runner (for a
+/// move, or a restore from a backup). The import request presents the token
+/// in [`crate::IMPORT_TOKEN_HEADER`]; the runner accepts it once, for this box,
+/// until `expires_at`, and only when its SHA-256 is the one announced here —
+/// over the runner's own authenticated call to the control plane, which the
+/// holder of the runner's bearer key cannot forge.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportGrant {
+    /// The box the archive must hold.
+    pub box_id: Uuid,
+    /// SHA-256 (hex) of the one-time token.
+    pub token_sha256: String,
+    /// When the token stops being accepted.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
 /// `POST /api/runners/healthcheck` answer: level-triggered, so a runner that
 /// missed calls converges on the next one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +140,9 @@ pub struct HealthcheckResponse {
     pub api_key: String,
     /// Seconds until the next healthcheck is expected.
     pub interval_secs: u64,
+    /// Imports announced to this runner and not yet expired or withdrawn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub imports: Vec<ImportGrant>,
 }
 
 /// A runner as the admin API shows it.

@@ -40,6 +40,8 @@ pub struct Agent {
     /// Random id of this process (image), sent with every healthcheck: the
     /// control plane rotates the API key when it changes.
     pub instance: String,
+    /// Imports the control plane announced.
+    pub imports: crate::imports::Imports,
     api_key: RwLock<Option<String>>,
     first_check: tokio::sync::watch::Sender<bool>,
     binary_sha256: OnceLock<String>,
@@ -243,6 +245,7 @@ pub async fn run(config: Config) -> Result<()> {
         boxes,
         started: Instant::now(),
         instance: format!("{:032x}", rand::random::<u128>()),
+        imports: Default::default(),
         api_key: RwLock::new(api_key),
         first_check: tokio::sync::watch::channel(false).0,
         binary_sha256: OnceLock::new(),

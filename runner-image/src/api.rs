@@ -7,7 +7,12 @@
 //! - `POST /api/boxes/{id}/exec`: [`protocol::ExecRequest`] → [`protocol::ExecResponse`].
 //! - `GET /api/boxes/{id}/exec/ws`: the exec WebSocket (see [`crate::exec`]).
 //! - `GET /api/boxes/{id}/export`: the box archive; SHA-256 in `x-boxlite-sha256`.
-//! - `POST /api/boxes/{id}/import`: archive body, `x-boxlite-sha256` required.
+//! - `POST /api/boxes/{id}/import`: archive body, `x-boxlite-sha256` and the
+//!   one-time `x-boxlite-import-token` the control plane announced for this
+//!   box required (see [`crate::imports`]); refused with 409 for a box this
+//!   runner has, 400 `import_token_required`, 403 `import_not_announced`,
+//!   `import_token_invalid`, `import_token_expired` or `import_token_used`,
+//!   before anything is written.
 //!
 //! Everything else needs `Authorization: Bearer <api_key>`, the key the
 //! control plane handed out in its last healthcheck answer. Errors are
@@ -22,12 +27,15 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use protocol::{ApiError, ExecRequest, HealthStatus, RunnerHealth, RunnerLiveness};
+use protocol::{
+    ApiError, ExecRequest, HealthStatus, IMPORT_TOKEN_HEADER, RunnerHealth, RunnerLiveness,
+};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::agent::Agent;
 use crate::boxes::BoxError;
+use crate::imports::ImportRefused;
 
 /// Header carrying an archive's SHA-256.
 pub const SHA256_HEADER: &str = "x-boxlite-sha256";
@@ -78,6 +86,14 @@ impl From<anyhow::Error> for Failure {
 
 fn fail(status: StatusCode, code: &str, msg: impl Into<String>) -> Failure {
     Failure(status, ApiError::new(code, msg))
+}
+
+fn refused(e: &ImportRefused) -> Failure {
+    let status = match e {
+        ImportRefused::TokenRequired => StatusCode::BAD_REQUEST,
+        _ => StatusCode::FORBIDDEN,
+    };
+    fail(status, e.code(), e.to_string())
 }
 
 /// The router.
@@ -263,6 +279,42 @@ async fn import(
             )
         })?
         .to_string();
+    // Cheap refusals first, so a malformed request does not spend the token.
+    if !crate::sys::is_sha256_hex(sha.trim()) {
+        return Err(fail(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{SHA256_HEADER} must be 64 hex digits"),
+        ));
+    }
+    if agent.boxes.exists(&id) {
+        return Err(fail(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("box {id} already exists on this runner; delete it first"),
+        ));
+    }
+    // Only an import the control plane announced (issue 12): the token it
+    // issued, for this box, once, before it expires.
+    let token = headers
+        .get(IMPORT_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| refused(&ImportRefused::TokenRequired))?;
+    agent
+        .imports
+        .claim_fresh(
+            id,
+            token,
+            || agent.wake_healthcheck(),
+            crate::imports::ANNOUNCE_WAIT,
+        )
+        .await
+        .map_err(|e| {
+            tracing::warn!(r#box = %id, code = e.code(), "import refused: {e}");
+            refused(&e)
+        })?;
     let stream = body.into_data_stream();
     let report = crate::export::import(&agent.boxes, &id, &sha, stream).await?;
     agent.wake_healthcheck();

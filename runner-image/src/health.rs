@@ -5,7 +5,8 @@
 //! with its token, version, address, capacity, usage summed from the boxes'
 //! cgroups, every box with its state, and this process's random
 //! `agent_instance`. The answer is level-triggered: the agent persists the
-//! `api_key` it carries and applies each action in the background (one
+//! `api_key` it carries, takes note of the imports it announces (see
+//! [`crate::imports`]), and applies each action in the background (one
 //! operation per box at a time; an action already in flight is not started
 //! twice). When actions finish, the next check goes out at once so the
 //! control plane sees the new states quickly.
@@ -165,6 +166,7 @@ pub async fn run(agent: Arc<Agent>) {
             let a = agent.clone();
             tokio::spawn(async move { a.boxes.refresh_disk(Duration::from_secs(60)).await });
         }
+        let seq = agent.imports.begin_check();
         match check_once(&agent, &client).await {
             Ok(resp) => {
                 if failures > 0 {
@@ -174,6 +176,9 @@ pub async fn run(agent: Arc<Agent>) {
                 if let Err(e) = agent.set_api_key(&resp.api_key) {
                     tracing::error!("persisting the API key: {e:#}");
                 }
+                agent
+                    .imports
+                    .announce(seq, &resp.imports, time::OffsetDateTime::now_utc());
                 interval = Duration::from_secs(resp.interval_secs.clamp(1, 60));
                 for action in resp.actions {
                     let key = action_key(&action);

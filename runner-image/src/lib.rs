@@ -11,7 +11,8 @@
 //!   sessions and outlives the agent, and the protocol to talk to it;
 //! - [`boxes`]: lifecycle, persistence and re-adoption;
 //! - [`exec`]: one-shot exec and the exec WebSocket;
-//! - [`export`]: box archives (export/import with SHA-256);
+//! - [`export`], [`imports`]: box archives (export/import with SHA-256), and
+//!   the one-time tokens without which nothing is imported;
 //! - [`api`], [`admin`], [`health`]: the HTTP API for the control plane, the
 //!   local admin socket, and the healthcheck loop;
 //! - [`upgrade`]: releases, self-upgrade with verification and rollback;
@@ -29,6 +30,7 @@ pub mod exec;
 pub mod export;
 pub mod health;
 pub mod images;
+pub mod imports;
 pub mod init_elf;
 pub mod ipc;
 pub mod layers;

@@ -1,16 +1,20 @@
-//! Export a box with its SHA-256 and restore it under the same id on another runner.
+//! Export a box with its SHA-256 and restore it under the same id on another
+//! runner — only when the control plane announced the import, and never
+//! through an archive that reaches out of the box.
 
 mod common;
 
-use common::{Options, Runner};
-use protocol::BoxState;
+use common::{FakeCp, Options, Runner};
+use std::time::Duration;
+
+use protocol::{BoxState, IMPORT_TOKEN_HEADER};
 use runner_image::admin::AdminRequest;
 use sha2::{Digest, Sha256};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_and_import_under_the_same_id_on_another_runner() {
     let a = Runner::start(Options::default()).await;
-    let b = Runner::start(Options::default()).await;
+    let (cp, b) = announcing_runner().await;
     let id = a.create_box(128, false).await;
     // Files written, an image file deleted (whiteout), a directory replaced (opaque),
     // a symlink and a hard link.
@@ -58,6 +62,7 @@ async fn export_and_import_under_the_same_id_on_another_runner() {
         .post(format!("{}/api/boxes/{id}/import", b.url()))
         .bearer_auth(common::KEY)
         .header("x-boxlite-sha256", &sha)
+        .header(IMPORT_TOKEN_HEADER, cp.announce_import(id, TTL))
         .body(bad)
         .send()
         .await
@@ -70,6 +75,7 @@ async fn export_and_import_under_the_same_id_on_another_runner() {
     let resp = client
         .post(format!("{}/api/boxes/{id}/import", b.url()))
         .bearer_auth(common::KEY)
+        .header(IMPORT_TOKEN_HEADER, cp.announce_import(id, TTL))
         .body(body.clone())
         .send()
         .await
@@ -81,6 +87,7 @@ async fn export_and_import_under_the_same_id_on_another_runner() {
         .post(format!("{}/api/boxes/{other}/import", b.url()))
         .bearer_auth(common::KEY)
         .header("x-boxlite-sha256", &sha)
+        .header(IMPORT_TOKEN_HEADER, cp.announce_import(other, TTL))
         .body(body.clone())
         .send()
         .await
@@ -93,6 +100,7 @@ async fn export_and_import_under_the_same_id_on_another_runner() {
         .post(format!("{}/api/boxes/{id}/import", b.url()))
         .bearer_auth(common::KEY)
         .header("x-boxlite-sha256", &sha)
+        .header(IMPORT_TOKEN_HEADER, cp.announce_import(id, TTL))
         .body(body.clone())
         .send()
         .await
@@ -120,11 +128,12 @@ async fn export_and_import_under_the_same_id_on_another_runner() {
     );
     assert_eq!(lines[4], "only", "opaque directory restored: {out}");
     assert_eq!(lines[5], "hello", "spec restored");
-    // Importing an id that exists is refused, and loses nothing.
+    // Importing an id that exists is refused, even announced, and loses nothing.
     let resp = client
         .post(format!("{}/api/boxes/{id}/import", b.url()))
         .bearer_auth(common::KEY)
         .header("x-boxlite-sha256", &sha)
+        .header(IMPORT_TOKEN_HEADER, cp.announce_import(id, TTL))
         .body(body)
         .send()
         .await
@@ -132,6 +141,22 @@ async fn export_and_import_under_the_same_id_on_another_runner() {
     assert_eq!(resp.status(), 409);
     let (out, _) = b.sh(id, "cat /root/work/file").await;
     assert_eq!(out.trim(), "payload");
+}
+
+/// How long test import tokens are valid.
+const TTL: time::Duration = time::Duration::minutes(2);
+
+/// A runner whose (fake) control plane announces imports.
+async fn announcing_runner() -> (FakeCp, Runner) {
+    let cp = FakeCp::start("bxr_import-token", common::KEY).await;
+    let r = Runner::start(Options {
+        control_plane: Some(cp.url.clone()),
+        token: Some("bxr_import-token".into()),
+        ..Default::default()
+    })
+    .await;
+    cp.wait_for(Duration::from_secs(15), |_| true).await;
+    (cp, r)
 }
 
 /// A box archive for `id` with a valid metadata entry, then whatever `entries` appends.
@@ -201,16 +226,22 @@ fn fingerprint(p: &std::path::Path) -> (u32, u32, u32, Vec<String>) {
     (m.uid(), m.gid(), m.mode(), names)
 }
 
-/// POST an archive to the import endpoint; the status and error code.
-async fn post_import(r: &Runner, id: uuid::Uuid, body: Vec<u8>, sha: &str) -> (u16, String) {
-    let resp = reqwest::Client::new()
+/// POST an archive to the import endpoint with `token`; the status and `code: message`.
+async fn post_import(
+    r: &Runner,
+    id: uuid::Uuid,
+    body: Vec<u8>,
+    sha: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    let mut req = reqwest::Client::new()
         .post(format!("{}/api/boxes/{id}/import", r.url()))
         .bearer_auth(common::KEY)
-        .header("x-boxlite-sha256", sha)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+        .header("x-boxlite-sha256", sha);
+    if let Some(t) = token {
+        req = req.header(IMPORT_TOKEN_HEADER, t);
+    }
+    let resp = req.body(body).send().await.unwrap();
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap();
     let code = serde_json::from_str::<protocol::ApiError>(&text)
@@ -228,7 +259,7 @@ async fn post_import(r: &Runner, id: uuid::Uuid, body: Vec<u8>, sha: &str) -> (u
 async fn import_refuses_archives_that_reach_out_of_the_box() {
     use std::os::unix::fs::MetadataExt;
     use tar::EntryType::{Link, Symlink};
-    let r = Runner::start(Options::default()).await;
+    let (cp, r) = announcing_runner().await;
     // A root-owned host directory standing for /etc.
     let host = tempfile::tempdir().unwrap();
     let victim = host.path().join("etc");
@@ -306,7 +337,8 @@ async fn import_refuses_archives_that_reach_out_of_the_box() {
     for (what, entries) in cases {
         let id = uuid::Uuid::new_v4();
         let (body, sha) = archive_with(id, entries);
-        let (status, err) = post_import(&r, id, body, &sha).await;
+        let token = cp.announce_import(id, TTL);
+        let (status, err) = post_import(&r, id, body, &sha, Some(&token)).await;
         assert_eq!(status, 400, "{what}: {err}");
         assert!(err.starts_with("bad_request"), "{what}: {err}");
         assert_eq!(
@@ -337,7 +369,8 @@ async fn import_refuses_archives_that_reach_out_of_the_box() {
     // The refusal names the problem.
     let id = uuid::Uuid::new_v4();
     let (body, sha) = archive_with(id, |b| link(b, Symlink, "upper", &v));
-    let (_, err) = post_import(&r, id, body, &sha).await;
+    let token = cp.announce_import(id, TTL);
+    let (_, err) = post_import(&r, id, body, &sha, Some(&token)).await;
     assert!(err.contains("`upper`") && err.contains("symlink"), "{err}");
     // A well-formed archive still imports.
     let id = uuid::Uuid::new_v4();
@@ -346,7 +379,8 @@ async fn import_refuses_archives_that_reach_out_of_the_box() {
         dir(b, "upper/root/");
         file(b, "upper/root/note", b"kept\n");
     });
-    let (status, err) = post_import(&r, id, body, &sha).await;
+    let token = cp.announce_import(id, TTL);
+    let (status, err) = post_import(&r, id, body, &sha, Some(&token)).await;
     assert_eq!(status, 201, "{err}");
     assert!(
         std::fs::symlink_metadata(r.box_dir(&id).join("upper"))
@@ -361,4 +395,114 @@ async fn import_refuses_archives_that_reach_out_of_the_box() {
         )
         .await;
     assert_eq!((code, out.as_str()), (0, "kept\nnew\n"));
+}
+
+/// Issue 12: an import is accepted only with the one-time token the control
+/// plane announced for that box in the runner's healthcheck answer — not
+/// without one, not with another, not after it expired, not twice, not for
+/// another box — and a refused import writes nothing. The announcement may
+/// reach the runner after the import: it checks in at once and waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_only_when_announced() {
+    let (cp, r) = announcing_runner().await;
+    let good = |id| {
+        archive_with(id, |b| {
+            dir(b, "upper/");
+            dir(b, "upper/root/");
+            file(b, "upper/root/note", b"moved\n");
+        })
+    };
+    let nothing_written = |r: &Runner, what: &str| {
+        let left: Vec<_> = std::fs::read_dir(r.state.join("boxes")).unwrap().collect();
+        assert!(left.is_empty(), "{what}: left behind {left:?}");
+        assert_eq!(
+            std::fs::read_dir(r.state.join("tmp")).unwrap().count(),
+            0,
+            "{what}"
+        );
+    };
+    let id = uuid::Uuid::new_v4();
+    let (body, sha) = good(id);
+
+    let (s, e) = post_import(&r, id, body.clone(), &sha, None).await;
+    assert_eq!(
+        (s, e.split(':').next().unwrap()),
+        (400, "import_token_required"),
+        "{e}"
+    );
+    nothing_written(&r, "no token");
+    // The runner's bearer key alone is not enough: nothing was announced.
+    let t0 = std::time::Instant::now();
+    let (s, e) = post_import(&r, id, body.clone(), &sha, Some("bxi_made-up")).await;
+    assert_eq!(
+        (s, e.split(':').next().unwrap()),
+        (403, "import_not_announced"),
+        "{e}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(9), "bounded wait");
+    nothing_written(&r, "not announced");
+
+    let token = cp.announce_import(id, TTL);
+    let (s, e) = post_import(&r, id, body.clone(), &sha, Some("bxi_wrong")).await;
+    assert_eq!(
+        (s, e.split(':').next().unwrap()),
+        (403, "import_token_invalid"),
+        "{e}"
+    );
+    // The token of one box does not import another.
+    let other = uuid::Uuid::new_v4();
+    let (ob, osha) = good(other);
+    let (s, e) = post_import(&r, other, ob, &osha, Some(&token)).await;
+    assert_eq!(
+        (s, e.split(':').next().unwrap()),
+        (403, "import_not_announced"),
+        "{e}"
+    );
+    nothing_written(&r, "wrong token");
+    // Expired.
+    let late = uuid::Uuid::new_v4();
+    let (lb, lsha) = good(late);
+    let expired = cp.announce_import(late, -time::Duration::seconds(1));
+    let (s, e) = post_import(&r, late, lb, &lsha, Some(&expired)).await;
+    assert_eq!(
+        (s, e.split(':').next().unwrap()),
+        (403, "import_token_expired"),
+        "{e}"
+    );
+    nothing_written(&r, "expired");
+
+    // Announced a moment ago (the runner has not checked in since, and knows
+    // only the earlier token): it checks in at once, and accepts.
+    let token = cp.announce_import(id, TTL);
+    let (s, e) = post_import(&r, id, body.clone(), &sha, Some(&token)).await;
+    assert_eq!(s, 201, "{e}");
+    assert!(r.box_dir(&id).join("upper/root/note").exists());
+
+    // Once only: a token spent on an import that failed cannot be replayed.
+    let again = uuid::Uuid::new_v4();
+    let (ab, asha) = good(again);
+    let once = cp.announce_import(again, TTL);
+    let mut corrupt = ab.clone();
+    let n = corrupt.len() / 2;
+    corrupt[n] ^= 0xff;
+    let (s, e) = post_import(&r, again, corrupt, &asha, Some(&once)).await;
+    assert_eq!(
+        (s, e.split(':').next().unwrap()),
+        (400, "checksum_mismatch"),
+        "{e}"
+    );
+    // (still announced by the control plane, level-triggered)
+    let (s, e) = post_import(&r, again, ab, &asha, Some(&once)).await;
+    assert_eq!(
+        (s, e.split(':').next().unwrap()),
+        (403, "import_token_used"),
+        "{e}"
+    );
+    assert!(!r.box_dir(&again).exists());
+    // A box the runner has: refused whatever the token, and kept.
+    let fresh = cp.announce_import(id, TTL);
+    let (s, e) = post_import(&r, id, body, &sha, Some(&fresh)).await;
+    assert_eq!(s, 409, "{e}");
+    assert!(r.box_dir(&id).join("upper/root/note").exists());
+    assert_eq!(r.status().await.boxes.len(), 1);
 }

@@ -70,6 +70,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "agent instance",
         include_str!("../../migrations/0003_agent_instance.sql"),
     ),
+    (
+        4,
+        "box imports",
+        include_str!("../../migrations/0004_box_imports.sql"),
+    ),
 ];
 
 /// Attempts of an operation that hit a serialization failure, deadlock or busy database.

@@ -421,12 +421,31 @@ fn cases(reg: &mut Registry) -> Vec<Case> {
                 ],
                 api_key: "bxc_k".into(),
                 interval_secs: 10,
+                imports: vec![ImportGrant {
+                    box_id: id,
+                    token_sha256: "ef".repeat(32),
+                    expires_at: t,
+                }],
             },
             HealthcheckResponse {
                 state: RunnerState::Ready,
                 actions: vec![],
                 api_key: "bxc_k".into(),
                 interval_secs: 10,
+                imports: vec![],
+            },
+        ),
+        case(
+            reg,
+            ImportGrant {
+                box_id: id,
+                token_sha256: "ef".repeat(32),
+                expires_at: t,
+            },
+            ImportGrant {
+                box_id: id,
+                token_sha256: "ef".repeat(32),
+                expires_at: t,
             },
         ),
         case(reg, org.clone(), org.clone()),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures::{SinkExt, StreamExt};
 use protocol::{
     BoxSpec, ExecControl, ExecEvent, ExecRequest, ExecResponse, ExecStart, HealthcheckRequest,
-    HealthcheckResponse, Resources, RunnerAction, RunnerState,
+    HealthcheckResponse, ImportGrant, Resources, RunnerAction, RunnerState,
 };
 use runner_image::admin::{AdminClient, AdminRequest, AdminStatus};
 use runner_image::api::HealthBody;
@@ -488,6 +488,8 @@ pub struct CpState {
     pub instance: Option<String>,
     /// Keys handed out so far, oldest first.
     pub keys: Vec<String>,
+    /// Imports announced with every answer.
+    pub imports: Vec<ImportGrant>,
 }
 
 /// A fake control plane on 127.0.0.1: answers healthchecks.
@@ -547,6 +549,7 @@ impl FakeCp {
                             actions: s.actions.clone(),
                             api_key: s.api_key.clone(),
                             interval_secs: 1,
+                            imports: s.imports.clone(),
                         }))
                     }
                 },
@@ -569,6 +572,22 @@ impl FakeCp {
     /// The key it hands out now.
     pub fn key(&self) -> String {
         self.state.lock().unwrap().api_key.clone()
+    }
+
+    /// Announce an import of `box_id` with a fresh one-time token valid for
+    /// `ttl` (negative: already expired), replacing any earlier one for the box;
+    /// the token.
+    pub fn announce_import(&self, box_id: Uuid, ttl: time::Duration) -> String {
+        use sha2::Digest;
+        let token = format!("bxi_test-{:032x}", rand::random::<u128>());
+        let mut s = self.state.lock().unwrap();
+        s.imports.retain(|g| g.box_id != box_id);
+        s.imports.push(ImportGrant {
+            box_id,
+            token_sha256: hex::encode(sha2::Sha256::digest(token.as_bytes())),
+            expires_at: time::OffsetDateTime::now_utc() + ttl,
+        });
+        token
     }
 
     /// Replace the standing actions.
