@@ -92,6 +92,7 @@ async fn run(label: &str, database_url: String, boxes: usize) -> f64 {
             },
             usage: Resources::default(),
             binary_sha256: None,
+            agent_instance: None,
             boxes: vec![],
         };
         let r = http

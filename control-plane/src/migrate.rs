@@ -1,7 +1,8 @@
 //! Moving a box to another runner, keeping its id: reserve room on the
 //! target, stream the box's archive from its runner's export into the
-//! target's import (checking the SHA-256 on the way), then re-pin it. Used by
-//! `boxctl decommission --migrate`.
+//! target's import (checking the SHA-256 on the way; the import announced to
+//! the target with a one-time token, see [`crate::imports`]), then re-pin it.
+//! Used by `boxctl decommission --migrate`.
 //!
 //! While a move is under way the box is `migrating` with `migrate_to` set:
 //! healthchecks leave it alone on both runners. If the copy fails, the move is
@@ -12,7 +13,7 @@
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use protocol::{ARCHIVE_SHA256_HEADER, BoxInfo, BoxState, Resources};
+use protocol::{ARCHIVE_SHA256_HEADER, BoxInfo, BoxState, IMPORT_TOKEN_HEADER, Resources};
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 use uuid::Uuid;
@@ -21,6 +22,7 @@ use crate::boxes::{self, parse_state, state_str};
 use crate::db::{get_opt_uuid, get_u64, get_uuid, retry};
 use crate::error::{Error, Result};
 use crate::exec_proxy::{RunnerEndpoint, endpoint, runner_error, unreachable};
+use crate::imports::{self, Purpose};
 use crate::runners::{self, release, reserve};
 use crate::state::AppState;
 use crate::tokens::is_sha256_hex;
@@ -119,12 +121,26 @@ pub async fn move_box(state: &AppState, box_id: Uuid, target_name: &str) -> Resu
     tracing::info!(r#box = %box_id, to = target_name, "moving box");
 
     if plan.copy {
-        let copied = async {
-            let source = endpoint(state, &plan.source_id.to_string()).await?;
-            let dest = endpoint(state, &target_id).await?;
-            copy(state, &source, &dest, box_id).await
-        }
-        .await;
+        let source_id = plan.source_id.to_string();
+        let mut attempt = 1;
+        let copied = loop {
+            let r = async {
+                let source = endpoint(state, &source_id).await?;
+                let dest = endpoint(state, &target_id).await?;
+                copy(state, &source, &dest, &target_id, box_id).await
+            }
+            .await;
+            match r {
+                // A runner whose agent just restarted has a new key (see
+                // `runners::healthcheck`): read the keys again, once.
+                Err(e) if attempt == 1 && key_refused(&e) => {
+                    tracing::info!(r#box = %box_id, error = %e, "a runner refused its key; retrying the copy with the current keys");
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                r => break r,
+            }
+        };
         if let Err(e) = copied {
             abandon(state, box_id, &target_id, &plan).await?;
             tracing::warn!(r#box = %box_id, to = target_name, error = %e, "move abandoned");
@@ -191,12 +207,24 @@ async fn abandon(state: &AppState, box_id: Uuid, target_id: &str, plan: &Plan) -
     .await
 }
 
-/// Stream the export of `box_id` from `source` into the import of `dest`,
-/// verifying the archive's SHA-256. Returns it.
+/// True when a runner refused the key we presented: 401, or 503
+/// `not_registered` from an agent that has no key yet.
+fn key_refused(e: &Error) -> bool {
+    e.status == axum::http::StatusCode::UNAUTHORIZED
+        || (e.status == axum::http::StatusCode::SERVICE_UNAVAILABLE && e.code == "not_registered")
+}
+
+/// Stream the export of `box_id` from `source` into the import of `dest`
+/// (runner `dest_id`), verifying the archive's SHA-256. Returns it.
+///
+/// The import is announced to `dest` once the archive is ready to stream:
+/// a one-time token ([`crate::imports`]), which the import presents and
+/// which is withdrawn when the import returned, whatever the outcome.
 async fn copy(
     state: &AppState,
     source: &RunnerEndpoint,
     dest: &RunnerEndpoint,
+    dest_id: &str,
     box_id: Uuid,
 ) -> Result<String> {
     let export = state
@@ -232,15 +260,25 @@ async fn copy(
         }
         chunk
     });
+    let token = imports::announce(state, box_id, dest_id, Purpose::Move).await?;
+    // The target learns of the import from its next healthcheck: ask for it
+    // now (it also checks in by itself when an import it does not know yet
+    // arrives).
+    runners::poke(state, &dest.name);
     let import = state
         .http
         .post(dest.url(&format!("/api/boxes/{box_id}/import")))
         .bearer_auth(dest.api_key.expose())
         .header(ARCHIVE_SHA256_HEADER, &announced)
+        .header(IMPORT_TOKEN_HEADER, token.expose())
         .body(reqwest::Body::wrap_stream(body))
         .send()
-        .await
-        .map_err(|e| unreachable(&dest.name, e))?;
+        .await;
+    // Used or not, the token has done its job.
+    if let Err(e) = imports::withdraw(state, box_id, dest_id).await {
+        tracing::warn!(r#box = %box_id, error = %e, "withdrawing the import token (it expires by itself)");
+    }
+    let import = import.map_err(|e| unreachable(&dest.name, e))?;
     if !import.status().is_success() {
         return Err(runner_error(&dest.name, import).await);
     }

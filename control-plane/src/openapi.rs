@@ -423,6 +423,7 @@ api_object!(HealthcheckRequest as "HealthcheckRequest", "Body of POST /api/runne
     req capacity: Resources => "What the runner can give to boxes in total.",
     req usage: Resources => "What its boxes use now.",
     opt binary_sha256: Option<String> => "SHA-256 (hex) of the running boxlite-runner binary.",
+    opt agent_instance: Option<String> => "Random id (1-64 of [A-Za-z0-9_-]) of the agent process, new at every start and re-exec; when it changes, the answer carries a new api_key and the previous key stops working.",
     req boxes: Vec<BoxReport> => "Every box the runner has, whatever its state.",
 });
 
@@ -444,8 +445,15 @@ api_tagged!(RunnerAction as "RunnerAction", tag "action", "What the control plan
 api_object!(HealthcheckResponse as "HealthcheckResponse", "Answer of POST /api/runners/healthcheck: level-triggered, the same until the runner complies." {
     req state: RunnerState => "The runner's state as the control plane sees it.",
     req actions: Vec<RunnerAction> => "Actions to apply now.",
-    req api_key: String => "Bearer key (`bxc_...`) the control plane presents when it calls this runner's API; stable per runner.",
+    req api_key: String => "Bearer key (`bxc_...`) the control plane presents when it calls this runner's API; replaced when a new agent process checks in (another agent_instance).",
     req interval_secs: u64 => "Seconds until the next healthcheck is expected.",
+    opt imports: Vec<ImportGrant> => "Imports announced to this runner and not yet expired or withdrawn; an import request must present the matching one-time token.",
+});
+
+api_object!(ImportGrant as "ImportGrant", "An import of a box archive announced to a runner: the import request presents the token in x-boxlite-import-token, accepted once, for this box, until expires_at." {
+    req box_id: Uuid => "The box the archive must hold.",
+    req token_sha256: String => "SHA-256 (hex) of the one-time token.",
+    req expires_at: OffsetDateTime => "When the token stops being accepted.",
 });
 
 api_object!(OrganizationInfo as "OrganizationInfo", "An organization." {

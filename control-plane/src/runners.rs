@@ -221,7 +221,7 @@ pub async fn register(state: &AppState, req: &RegisterRunnerRequest) -> Result<R
                 } else {
                     // A decommissioned runner comes back fresh: new token, new API key, no history.
                     sqlx::query(
-                        "UPDATE runners SET token_sha256 = $1, api_key = $2, draining = 0, decommissioned_at = NULL, \
+                        "UPDATE runners SET token_sha256 = $1, api_key = $2, agent_instance = NULL, draining = 0, decommissioned_at = NULL, \
                          version = NULL, address = NULL, binary_sha256 = NULL, capacity_cpu = 0, capacity_memory = 0, capacity_disk = 0, \
                          usage_cpu = 0, usage_memory = 0, usage_disk = 0, alloc_cpu = 0, alloc_memory = 0, \
                          alloc_disk = 0, alloc_boxes = 0, last_seen_at = NULL, updated_at = $3 WHERE id = $4",
@@ -417,6 +417,14 @@ fn validate_healthcheck(req: &HealthcheckRequest) -> Result<()> {
             "binary_sha256 is 64 hexadecimal characters",
         ));
     }
+    if let Some(inst) = &req.agent_instance
+        && !valid_agent_instance(inst)
+    {
+        return Err(Error::bad_request(
+            "invalid_agent_instance",
+            "agent_instance is 1-64 of letters, digits, '-' and '_'",
+        ));
+    }
     if req.boxes.len() > MAX_REPORTED_BOXES {
         return Err(Error::bad_request(
             "too_many_boxes",
@@ -433,6 +441,13 @@ fn validate_healthcheck(req: &HealthcheckRequest) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn valid_agent_instance(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
 }
 
 fn truncate(s: Option<&str>) -> Option<String> {
@@ -479,6 +494,25 @@ pub async fn healthcheck(
         .rows_affected();
         if updated == 0 {
             return Err(Error::unauthorized("runner is decommissioned"));
+        }
+        // A new agent process (the row is locked by the update above, so two
+        // check-ins of one process cannot both rotate): a new key, and the
+        // previous one, which whoever stood on the runner's port meanwhile
+        // may have seen, stops working.
+        if let Some(instance) = &req.agent_instance {
+            let rotated = sqlx::query(
+                "UPDATE runners SET api_key = $1, agent_instance = $2 \
+                 WHERE id = $3 AND (agent_instance IS NULL OR agent_instance <> $2)",
+            )
+            .bind(tokens::generate(protocol::RUNNER_API_KEY_PREFIX))
+            .bind(instance)
+            .bind(&runner_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if rotated == 1 {
+                tracing::info!(runner = %runner.name, "a new agent process checked in; its API key was replaced");
+            }
         }
         let row = sqlx::query(&format!("SELECT {RUNNER_COLS}, api_key FROM runners WHERE id = $1"))
             .bind(&runner_id)
@@ -601,12 +635,14 @@ pub async fn healthcheck(
             .collect();
         strays.sort();
         actions.extend(strays.into_iter().map(|id| RunnerAction::Delete { id }));
+        let imports = crate::imports::announced_to(&mut tx, &runner_id, now).await?;
         tx.commit().await?;
         Ok(HealthcheckResponse {
             state: me.state(cutoff),
             actions,
             api_key,
             interval_secs: state.config.runner_healthcheck_interval.as_secs(),
+            imports,
         })
     })
     .await

@@ -26,9 +26,11 @@ both_backends!(
     draining_and_unresponsive_runners_get_nothing,
     concurrent_creates_never_overbook,
     exec_is_proxied_with_the_runner_key,
+    a_new_agent_process_gets_a_new_runner_key,
     interactive_exec_is_relayed_over_websocket,
     moving_a_box_keeps_its_id_and_data,
     failed_moves_leave_the_box_where_it_was,
+    imports_are_announced_to_their_runner_until_they_expire,
     decommission_refuses_while_boxes_remain,
     organizations_and_keys,
     bad_input_gets_json_errors,
@@ -939,6 +941,83 @@ async fn exec_is_proxied_with_the_runner_key(b: Backend) {
     );
 }
 
+/// Issue 12: the runner's API key is replaced at the first check-in of every
+/// agent process (a new `agent_instance`), so a key captured while the agent
+/// restarted is useless once it is back; check-ins of one process keep it,
+/// and a runner that sends no instance (an older build) keeps its key.
+async fn a_new_agent_process_gets_a_new_runner_key(b: Backend) {
+    let app = TestApp::start(b).await;
+    let (_, key) = app.org("acme").await;
+    let runner = FakeRunner::register(&app, "runner-1", res(8000, 16384, 100_000)).await;
+    let k1 = runner.sync().await.api_key;
+    assert!(k1.starts_with(RUNNER_API_KEY_PREFIX));
+    assert_eq!(runner.sync().await.api_key, k1, "same process, same key");
+    let id = running_box(&app, &key, &runner).await;
+    let exec = || {
+        let app = &app;
+        let key = key.clone();
+        async move {
+            app.call(
+                Method::POST,
+                &format!("/api/boxes/{id}/exec"),
+                Some(&key),
+                Some(json!({ "command": ["true"] })),
+            )
+            .await
+        }
+    };
+    assert_eq!(exec().await.0, StatusCode::OK);
+    let stored = || async {
+        sqlx::query("SELECT api_key FROM runners WHERE name = 'runner-1'")
+            .fetch_one(app.state.db.pool())
+            .await
+            .unwrap()
+            .try_get::<String, _>("api_key")
+            .unwrap()
+    };
+
+    // The agent restarts: its first check-in brings a new key, and the control
+    // plane presents only that one from then on.
+    runner.restart();
+    let k2 = runner.sync().await.api_key;
+    assert_ne!(k2, k1, "a new agent process gets a new key");
+    assert!(k2.starts_with(RUNNER_API_KEY_PREFIX));
+    assert_eq!(stored().await, k2);
+    assert_eq!(runner.sync().await.api_key, k2);
+    assert_eq!(exec().await.0, StatusCode::OK);
+    assert_eq!(runner.state.lock().unwrap().refused, 0);
+
+    // An older runner sends no instance: its key stays.
+    let mut legacy = runner.report();
+    legacy.agent_instance = None;
+    let (s, v) = runner.healthcheck_raw(&runner.token, &legacy).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["api_key"], k2.as_str());
+    // A malformed instance is refused, and changes nothing.
+    for bad in ["", "has space", &"x".repeat(65)] {
+        let mut r = runner.report();
+        r.agent_instance = Some(bad.to_string());
+        let (s, v) = runner.healthcheck_raw(&runner.token, &r).await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_agent_instance")),
+            "{bad:?}: {v}"
+        );
+    }
+    assert_eq!(stored().await, k2);
+    // Concurrent check-ins of one new process agree on one key.
+    runner.restart();
+    let report = runner.report();
+    let (a, b2) = tokio::join!(
+        runner.healthcheck_raw(&runner.token, &report),
+        runner.healthcheck_raw(&runner.token, &report)
+    );
+    assert_eq!((a.0, b2.0), (StatusCode::OK, StatusCode::OK));
+    assert_eq!(a.1["api_key"], b2.1["api_key"]);
+    assert_ne!(a.1["api_key"], k2.as_str());
+    assert_eq!(a.1["api_key"], stored().await.as_str());
+}
+
 async fn interactive_exec_is_relayed_over_websocket(b: Backend) {
     let app = TestApp::start(b).await;
     let (_, key) = app.org("acme").await;
@@ -1092,7 +1171,21 @@ async fn moving_a_box_keeps_its_id_and_data(b: Backend) {
         assert_eq!(st.boxes[&id].data, original.data);
         assert_eq!(st.boxes[&id].spec, original.spec);
         assert_eq!(st.refused, 0);
+        // Announced to the target in its healthcheck answer, with the hash of
+        // the one-time token the import presented.
+        assert_eq!(st.presented.len(), 1);
+        let (token, grant) = &st.presented[0];
+        assert!(token.starts_with(IMPORT_TOKEN_PREFIX), "{token}");
+        assert_eq!(grant.box_id, id);
+        assert_eq!(grant.token_sha256, control_plane::tokens::sha256_hex(token));
+        let ttl = grant.expires_at - app.clock.now();
+        assert!(
+            ttl > time::Duration::ZERO && ttl <= time::Duration::minutes(2),
+            "{ttl}"
+        );
     }
+    // Withdrawn once the import returned: nothing left to replay.
+    assert_eq!(import_rows(&app).await, 0);
     assert_eq!(a.state.lock().unwrap().refused, 0);
     // Old runner is told to delete its copy, new runner to start it.
     assert_eq!(a.sync().await.actions, vec![RunnerAction::Delete { id }]);
@@ -1114,6 +1207,80 @@ async fn moving_a_box_keeps_its_id_and_data(b: Backend) {
         )
         .await;
     assert_eq!(s, StatusCode::OK);
+}
+
+async fn import_rows(app: &TestApp) -> i64 {
+    sqlx::query("SELECT COUNT(*) AS n FROM box_imports")
+        .fetch_one(app.state.db.pool())
+        .await
+        .unwrap()
+        .try_get("n")
+        .unwrap()
+}
+
+/// Issue 12: an import is announced to its target runner alone, in that
+/// runner's healthcheck answers, as the SHA-256 of a one-time token (the only
+/// form the database keeps), until it expires or is withdrawn.
+async fn imports_are_announced_to_their_runner_until_they_expire(b: Backend) {
+    use control_plane::imports::{self, Purpose};
+    let app = TestApp::start(b).await;
+    let (_, key) = app.org("acme").await;
+    // runner-a is clearly emptier, so the box is placed there.
+    let a = FakeRunner::register(&app, "runner-a", res(16000, 32768, 200_000)).await;
+    let bb = FakeRunner::register(&app, "runner-b", res(8000, 16384, 100_000)).await;
+    a.sync().await;
+    assert!(bb.sync().await.imports.is_empty());
+    let id = running_box(&app, &key, &a).await;
+    let b_id = app.runner("runner-b").await.id.to_string();
+    let token = imports::announce(&app.state, id, &b_id, Purpose::Move)
+        .await
+        .unwrap();
+    let token = token.expose().to_string();
+    assert!(token.starts_with(IMPORT_TOKEN_PREFIX));
+    let grants = bb.sync().await.imports;
+    assert_eq!(grants.len(), 1);
+    assert_eq!(grants[0].box_id, id);
+    assert_eq!(
+        grants[0].token_sha256,
+        control_plane::tokens::sha256_hex(&token)
+    );
+    assert_eq!(
+        grants[0].expires_at,
+        app.clock.now() + time::Duration::milliseconds(imports::TOKEN_TTL_MS)
+    );
+    assert!(
+        a.sync().await.imports.is_empty(),
+        "only the target hears of it"
+    );
+    let stored: String = sqlx::query("SELECT token_sha256 FROM box_imports")
+        .fetch_one(app.state.db.pool())
+        .await
+        .unwrap()
+        .try_get("token_sha256")
+        .unwrap();
+    assert_eq!(stored, grants[0].token_sha256, "only the hash is stored");
+    // A new announcement replaces the old one.
+    let again = imports::announce(&app.state, id, &b_id, Purpose::Move)
+        .await
+        .unwrap();
+    let grants = bb.sync().await.imports;
+    assert_eq!(grants.len(), 1);
+    assert_eq!(
+        grants[0].token_sha256,
+        control_plane::tokens::sha256_hex(again.expose())
+    );
+    // Expired: no longer announced (and pruned by the next announcement).
+    app.advance(121);
+    assert!(bb.sync().await.imports.is_empty());
+    imports::announce(&app.state, id, &b_id, Purpose::Restore)
+        .await
+        .unwrap();
+    assert_eq!(import_rows(&app).await, 1);
+    assert_eq!(bb.sync().await.imports.len(), 1);
+    // Withdrawn: gone.
+    imports::withdraw(&app.state, id, &b_id).await.unwrap();
+    assert!(bb.sync().await.imports.is_empty());
+    assert_eq!(import_rows(&app).await, 0);
 }
 
 async fn failed_moves_leave_the_box_where_it_was(b: Backend) {

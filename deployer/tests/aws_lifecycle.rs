@@ -638,7 +638,7 @@ fn decommission_drains_refuses_with_boxes_then_terminates_deregisters_and_the_ne
             disk_mib: None,
             env: Default::default(),
             labels: [("team".to_string(), "a".to_string())].into(),
-            network: false,
+            ..Default::default()
         }))
         .unwrap();
     let on = b.runner.clone().unwrap();

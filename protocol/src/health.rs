@@ -25,7 +25,15 @@ pub struct ControlPlaneHealth {
     pub database: bool,
 }
 
-/// Answer of a runner's `GET /api/health`.
+/// Answer of a runner's `GET /api/health` without the runner's bearer key:
+/// whether it is alive, nothing else (no name, version, box counts).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunnerLiveness {
+    /// Overall status (`degraded` comes with HTTP 503).
+    pub status: HealthStatus,
+}
+
+/// Answer of a runner's `GET /api/health` to the holder of its bearer key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunnerHealth {
     /// Overall status.

@@ -29,3 +29,8 @@ pub const RUNNER_TOKEN_PREFIX: &str = "bxr_";
 pub const RUNNER_API_KEY_PREFIX: &str = "bxc_";
 /// Response header carrying the SHA-256 (hex) of a box archive (export and import).
 pub const ARCHIVE_SHA256_HEADER: &str = "x-boxlite-sha256";
+/// Request header of a box import carrying the one-time token the control
+/// plane announced for it (see [`ImportGrant`]).
+pub const IMPORT_TOKEN_HEADER: &str = "x-boxlite-import-token";
+/// Prefix of one-time import tokens.
+pub const IMPORT_TOKEN_PREFIX: &str = "bxi_";

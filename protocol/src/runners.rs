@@ -73,6 +73,13 @@ pub struct HealthcheckRequest {
     /// builds of one version apart (`boxctl runner upgrade` confirms by it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub binary_sha256: Option<String>,
+    /// Random id of this agent process (1-64 of `[A-Za-z0-9_-]`), new at
+    /// every start and re-exec. When it differs from the last one seen, the
+    /// control plane issues a new `api_key`: a key captured before (e.g. by
+    /// squatting the runner's port while the agent restarted) is useless once
+    /// the real agent checks in. Absent from older runners (no rotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_instance: Option<String>,
     /// Every box the runner has, whatever its state.
     pub boxes: Vec<BoxReport>,
 }
@@ -103,6 +110,23 @@ pub enum RunnerAction {
     },
 }
 
+/// An import of a box archive the control plane announced to a runner (for a
+/// move, or a restore from a backup). The import request presents the token
+/// in [`crate::IMPORT_TOKEN_HEADER`]; the runner accepts it once, for this box,
+/// until `expires_at`, and only when its SHA-256 is the one announced here —
+/// over the runner's own authenticated call to the control plane, which the
+/// holder of the runner's bearer key cannot forge.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportGrant {
+    /// The box the archive must hold.
+    pub box_id: Uuid,
+    /// SHA-256 (hex) of the one-time token.
+    pub token_sha256: String,
+    /// When the token stops being accepted.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
 /// `POST /api/runners/healthcheck` answer: level-triggered, so a runner that
 /// missed calls converges on the next one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,10 +135,14 @@ pub struct HealthcheckResponse {
     pub state: RunnerState,
     /// Actions to apply now.
     pub actions: Vec<RunnerAction>,
-    /// Bearer key the control plane presents when it calls this runner's API.
+    /// Bearer key the control plane presents when it calls this runner's API;
+    /// replaced whenever a new agent process checks in (`agent_instance`).
     pub api_key: String,
     /// Seconds until the next healthcheck is expected.
     pub interval_secs: u64,
+    /// Imports announced to this runner and not yet expired or withdrawn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub imports: Vec<ImportGrant>,
 }
 
 /// A runner as the admin API shows it.

@@ -324,6 +324,7 @@ fn spec(id: uuid::Uuid) -> BoxSpec {
             disk_mib: 1024,
         },
         env: Default::default(),
-        network: false,
+        network: protocol::NetworkMode::None,
+        egress_allow: vec![],
     }
 }

@@ -37,7 +37,13 @@ pub struct Agent {
     pub boxes: Boxes,
     /// When this process (image) started.
     pub started: Instant,
+    /// Random id of this process (image), sent with every healthcheck: the
+    /// control plane rotates the API key when it changes.
+    pub instance: String,
+    /// Imports the control plane announced.
+    pub imports: crate::imports::Imports,
     api_key: RwLock<Option<String>>,
+    first_check: tokio::sync::watch::Sender<bool>,
     binary_sha256: OnceLock<String>,
     exe: PathBuf,
     start_time: u64,
@@ -72,6 +78,19 @@ impl Agent {
     /// The bearer key the control plane uses, if any.
     pub fn api_key(&self) -> Option<String> {
         self.api_key.read().unwrap().clone()
+    }
+
+    /// Record that the first healthcheck of this process has an outcome.
+    pub fn first_check_done(&self) {
+        self.first_check
+            .send_if_modified(|done| !std::mem::replace(done, true));
+    }
+
+    /// Wait (at most `limit`) until the first healthcheck of this process has an
+    /// outcome, so a request is judged against the key that check brought.
+    pub async fn wait_first_check(&self, limit: std::time::Duration) {
+        let mut rx = self.first_check.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|done| *done)).await;
     }
 
     /// Store a new API key (persisted with mode 0600) when it changed.
@@ -265,7 +284,10 @@ pub async fn run(config: Config) -> Result<()> {
         config: config.clone(),
         boxes,
         started: Instant::now(),
+        instance: format!("{:032x}", rand::random::<u128>()),
+        imports: Default::default(),
         api_key: RwLock::new(api_key),
+        first_check: tokio::sync::watch::channel(false).0,
         binary_sha256: OnceLock::new(),
         start_time: sys::process_start_time(std::process::id()).unwrap_or(0),
         exe: exe.clone(),

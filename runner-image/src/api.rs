@@ -1,15 +1,21 @@
 //! The runner's HTTP API, called by the control plane.
 //!
-//! - `GET /api/health` (no auth): [`protocol::RunnerHealth`], plus
-//!   `binary_sha256` (the running binary's SHA-256, which `upgrade` uses to
-//!   tell releases apart); 503 with status `degraded` when unhealthy.
+//! - `GET /api/health`: without the bearer key, [`protocol::RunnerLiveness`]
+//!   only (`{"status":"ok"}`, or `degraded` with 503), so a prober learns
+//!   that the runner is alive and nothing else; with it, [`HealthBody`]:
+//!   [`protocol::RunnerHealth`] plus the binary's SHA-256 and the pid.
 //! - `POST /api/boxes/{id}/exec`: [`protocol::ExecRequest`] → [`protocol::ExecResponse`].
 //! - `GET /api/boxes/{id}/exec/ws`: the exec WebSocket (see [`crate::exec`]).
 //! - `GET /api/boxes/{id}/export`: the box archive; SHA-256 in `x-boxlite-sha256`.
-//! - `POST /api/boxes/{id}/import`: archive body, `x-boxlite-sha256` required.
+//! - `POST /api/boxes/{id}/import`: archive body, `x-boxlite-sha256` and the
+//!   one-time `x-boxlite-import-token` the control plane announced for this
+//!   box required (see [`crate::imports`]); refused with 409 for a box this
+//!   runner has, 400 `import_token_required`, 403 `import_not_announced`,
+//!   `import_token_invalid`, `import_token_expired` or `import_token_used`,
+//!   before anything is written.
 //!
-//! Everything but health needs `Authorization: Bearer <api_key>`, the key
-//! the control plane handed out in its last healthcheck answer. Errors are
+//! Everything else needs `Authorization: Bearer <api_key>`, the key the
+//! control plane handed out in its last healthcheck answer. Errors are
 //! [`protocol::ApiError`] bodies.
 
 use std::sync::Arc;
@@ -21,12 +27,15 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use protocol::{ApiError, ExecRequest, HealthStatus, RunnerHealth};
+use protocol::{
+    ApiError, ExecRequest, HealthStatus, IMPORT_TOKEN_HEADER, RunnerHealth, RunnerLiveness,
+};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::agent::Agent;
 use crate::boxes::BoxError;
+use crate::imports::ImportRefused;
 
 /// Header carrying an archive's SHA-256.
 pub const SHA256_HEADER: &str = "x-boxlite-sha256";
@@ -79,6 +88,14 @@ fn fail(status: StatusCode, code: &str, msg: impl Into<String>) -> Failure {
     Failure(status, ApiError::new(code, msg))
 }
 
+fn refused(e: &ImportRefused) -> Failure {
+    let status = match e {
+        ImportRefused::TokenRequired => StatusCode::BAD_REQUEST,
+        _ => StatusCode::FORBIDDEN,
+    };
+    fail(status, e.code(), e.to_string())
+}
+
 /// The router.
 pub fn router(agent: Arc<Agent>) -> axum::Router {
     let boxes = axum::Router::new()
@@ -96,14 +113,30 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
         .with_state(agent)
 }
 
-async fn auth(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
+/// The bearer key presented, if any.
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .map(str::to_string);
+}
+
+/// True when `headers` carry this runner's current bearer key.
+fn authenticated(agent: &Agent, headers: &HeaderMap) -> bool {
+    match (agent.api_key(), presented_key(headers)) {
+        (Some(k), Some(p)) => crate::sys::ct_eq(k.as_bytes(), p.as_bytes()),
+        _ => false,
+    }
+}
+
+async fn auth(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
+    // A new agent process gets a new key at its first check-in: never judge a
+    // request against the previous process's key while that is under way.
+    agent
+        .wait_first_check(crate::health::FIRST_CHECK_WAIT)
+        .await;
+    let presented = presented_key(req.headers()).map(str::to_string);
     let key = agent.api_key();
     match (key, presented) {
         (None, _) => fail(
@@ -129,15 +162,24 @@ async fn sync(State(agent): State<Arc<Agent>>) -> StatusCode {
     StatusCode::ACCEPTED
 }
 
-async fn health(State(agent): State<Arc<Agent>>) -> Response {
+async fn health(State(agent): State<Arc<Agent>>, headers: HeaderMap) -> Response {
     let healthy = agent.healthy();
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let status = if healthy {
+        HealthStatus::Ok
+    } else {
+        HealthStatus::Degraded
+    };
+    if !authenticated(&agent, &headers) {
+        return (code, Json(RunnerLiveness { status })).into_response();
+    }
     let body = HealthBody {
         health: RunnerHealth {
-            status: if healthy {
-                HealthStatus::Ok
-            } else {
-                HealthStatus::Degraded
-            },
+            status,
             name: agent.config.name.clone(),
             version: crate::VERSION.to_string(),
             uptime_secs: agent.started.elapsed().as_secs(),
@@ -146,11 +188,6 @@ async fn health(State(agent): State<Arc<Agent>>) -> Response {
         },
         binary_sha256: agent.binary_sha256(),
         pid: std::process::id(),
-    };
-    let code = if healthy {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body)).into_response()
 }
@@ -242,6 +279,42 @@ async fn import(
             )
         })?
         .to_string();
+    // Cheap refusals first, so a malformed request does not spend the token.
+    if !crate::sys::is_sha256_hex(sha.trim()) {
+        return Err(fail(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{SHA256_HEADER} must be 64 hex digits"),
+        ));
+    }
+    if agent.boxes.exists(&id) {
+        return Err(fail(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("box {id} already exists on this runner; delete it first"),
+        ));
+    }
+    // Only an import the control plane announced (issue 12): the token it
+    // issued, for this box, once, before it expires.
+    let token = headers
+        .get(IMPORT_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| refused(&ImportRefused::TokenRequired))?;
+    agent
+        .imports
+        .claim_fresh(
+            id,
+            token,
+            || agent.wake_healthcheck(),
+            crate::imports::ANNOUNCE_WAIT,
+        )
+        .await
+        .map_err(|e| {
+            tracing::warn!(r#box = %id, code = e.code(), "import refused: {e}");
+            refused(&e)
+        })?;
     let stream = body.into_data_stream();
     let report = crate::export::import(&agent.boxes, &id, &sha, stream).await?;
     agent.wake_healthcheck();

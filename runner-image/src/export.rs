@@ -7,12 +7,24 @@
 //! computed while it is written; import hashes the body while storing it and
 //! refuses a mismatch before touching anything. A running box is frozen
 //! (cgroup freezer) while its layer is read, so the archive is consistent.
+//!
+//! Restoring never follows a symlink: the staging directory is created and
+//! opened with `O_NOFOLLOW`, the layer is applied relative to that descriptor
+//! (see [`crate::layers`]), the top of the archive may hold only the metadata
+//! file and an `upper` *directory* (a symlinked `upper` would otherwise become
+//! the box's writable layer wherever it points), and ownership is set with
+//! `fchown` on a descriptor opened `O_DIRECTORY | O_NOFOLLOW`, never on a path.
 
 use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use futures::{Stream, StreamExt};
+use nix::errno::Errno;
+use nix::fcntl::{AT_FDCWD, AtFlags, OFlag, openat};
+use nix::sys::stat::{Mode, SFlag, fchmod, fstatat, mkdirat};
+use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, unlinkat};
 use protocol::{BoxReport, BoxSpec, BoxState, Resources};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -260,6 +272,51 @@ where
     })
 }
 
+/// Create the staging directory `staging` (mode 0700) and open it without following symlinks.
+fn create_staging(staging: &Path) -> Result<OwnedFd> {
+    let parent = staging
+        .parent()
+        .ok_or_else(|| anyhow!("{} has no parent", staging.display()))?;
+    let name = staging
+        .file_name()
+        .ok_or_else(|| anyhow!("{} has no name", staging.display()))?;
+    let pfd = openat(
+        AT_FDCWD,
+        parent,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("opening {}", parent.display()))?;
+    mkdirat(&pfd, name, Mode::from_bits_truncate(0o700))
+        .with_context(|| format!("creating {}", staging.display()))?;
+    let fd = open_dir_at(&pfd, name).with_context(|| format!("opening {}", staging.display()))?;
+    fchmod(&fd, Mode::from_bits_truncate(0o700))?;
+    Ok(fd)
+}
+
+/// Open the directory `name` in `dir`; a symlink or anything else is an error.
+fn open_dir_at<P: ?Sized + nix::NixPath>(dir: &OwnedFd, name: &P) -> nix::Result<OwnedFd> {
+    openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+fn kind_name(kind: SFlag) -> &'static str {
+    match kind {
+        SFlag::S_IFDIR => "a directory",
+        SFlag::S_IFREG => "a regular file",
+        SFlag::S_IFLNK => "a symlink",
+        SFlag::S_IFIFO => "a fifo",
+        SFlag::S_IFCHR => "a character device",
+        SFlag::S_IFBLK => "a block device",
+        SFlag::S_IFSOCK => "a socket",
+        _ => "something unknown",
+    }
+}
+
 struct TempFile(PathBuf);
 
 impl Drop for TempFile {
@@ -318,14 +375,14 @@ fn restore(
     if !meta.image_digest.is_empty() && image.digest != meta.image_digest {
         tracing::warn!(%id, "image {:?} differs from the exporting runner's ({} vs {})", meta.spec.image, image.digest, meta.image_digest);
     }
-    // Pass 2: everything, into the staging directory.
-    std::fs::create_dir(staging)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(staging, std::fs::Permissions::from_mode(0o700))?;
+    // Pass 2: everything, into the staging directory. From here on every
+    // path is opened relative to a directory descriptor and never through a
+    // symlink: the archive decides what exists in there.
+    let sfd = create_staging(staging)?;
     let a = flate2::read::GzDecoder::new(std::fs::File::open(archive)?);
-    layers::apply(
+    layers::apply_at(
         a,
-        staging,
+        &sfd,
         &ApplyOptions {
             whiteouts: WhiteoutMode::Overlay,
             owner,
@@ -334,24 +391,46 @@ fn restore(
         },
     )
     .map_err(|e| invalid(format!("{e:#}")))?;
-    // Nothing but the metadata and the layer may come out of an archive.
-    for e in std::fs::read_dir(staging)? {
-        let name = e?.file_name();
-        let name = name.to_string_lossy();
-        if name != META_ENTRY && name != "upper" {
-            bail!(BoxError::new(
-                "bad_request",
-                format!("unexpected {name:?} at the top of the archive")
-            ));
+    // Nothing but the metadata (a file) and the layer (a directory) may come
+    // out of an archive: a symlinked `upper` would become the box's writable
+    // layer wherever it points (the host's /etc, every box's image).
+    for name in sys::list_dir(&sfd)? {
+        let kind = fstatat(&sfd, name.as_slice(), AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT)?;
+        match name.as_slice() {
+            n if n == META_ENTRY.as_bytes() && kind == SFlag::S_IFREG => {}
+            b"upper" if kind == SFlag::S_IFDIR => {}
+            b"upper" => {
+                return Err(invalid(format!(
+                    "`upper` in the archive is {}, not a directory; nothing was imported",
+                    kind_name(kind)
+                )));
+            }
+            n => {
+                return Err(invalid(format!(
+                    "unexpected {} {:?} at the top of the archive",
+                    kind_name(kind),
+                    String::from_utf8_lossy(n)
+                )));
+            }
         }
     }
-    let _ = std::fs::remove_file(staging.join(META_ENTRY));
-    let upper = staging.join("upper");
-    if !upper.is_dir() {
-        std::fs::create_dir(&upper)?;
+    let _ = unlinkat(&sfd, META_ENTRY, UnlinkatFlags::NoRemoveDir);
+    let upper = match open_dir_at(&sfd, "upper") {
+        Err(Errno::ENOENT) => {
+            mkdirat(&sfd, "upper", Mode::from_bits_truncate(0o755))?;
+            open_dir_at(&sfd, "upper")
+        }
+        r => r,
     }
-    std::os::unix::fs::chown(&upper, Some(owner), Some(owner))?;
-    std::fs::create_dir(staging.join("work"))?;
+    .map_err(|e| invalid(format!("`upper` in the archive is not a directory ({e})")))?;
+    // The descriptor, never the path: chown on a path follows a symlink.
+    fchown(
+        &upper,
+        Some(Uid::from_raw(owner)),
+        Some(Gid::from_raw(owner)),
+    )?;
+    mkdirat(&sfd, "work", Mode::from_bits_truncate(0o700))?;
     let record = BoxRecord {
         spec: meta.spec,
         created_at: meta.created_at,
@@ -361,11 +440,18 @@ fn restore(
         last_error: None,
         address: None,
     };
-    sys::write_atomic(
-        &staging.join("box.json"),
-        &serde_json::to_vec_pretty(&record)?,
-        0o600,
-    )
-    .context("writing box.json")?;
+    let mut f = std::fs::File::from(
+        openat(
+            &sfd,
+            "box.json",
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+        .context("creating box.json")?,
+    );
+    f.write_all(&serde_json::to_vec_pretty(&record)?)
+        .and_then(|()| f.sync_all())
+        .context("writing box.json")?;
+    let _ = nix::unistd::fsync(&sfd);
     Ok(record)
 }

@@ -3,11 +3,21 @@
 //! Every `interval_secs` (from the last answer, 1–60 s; 5 s before the
 //! first) the agent sends `POST {control_plane_url}/api/runners/healthcheck`
 //! with its token, version, address, capacity, usage summed from the boxes'
-//! cgroups, and every box with its state. The answer is level-triggered: the
-//! agent persists the `api_key` it carries and applies each action in the
-//! background (one operation per box at a time; an action already in flight
-//! is not started twice). When actions finish, the next check goes out at
-//! once so the control plane sees the new states quickly.
+//! cgroups, every box with its state, and this process's random
+//! `agent_instance`. The answer is level-triggered: the agent persists the
+//! `api_key` it carries, takes note of the imports it announces (see
+//! [`crate::imports`]), and applies each action in the background (one
+//! operation per box at a time; an action already in flight is not started
+//! twice). When actions finish, the next check goes out at once so the
+//! control plane sees the new states quickly.
+//!
+//! The control plane issues a new `api_key` when the `agent_instance`
+//! changes, i.e. at the first check-in of every agent process. Until that
+//! first check has an outcome, the API holds authenticated requests back
+//! (up to [`FIRST_CHECK_WAIT`]) rather than accept the previous process's key,
+//! so a key captured around a restart stops working the moment the new agent
+//! is up — unless the control plane cannot be reached, when the persisted key
+//! keeps the runner usable.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -18,6 +28,10 @@ use protocol::{HealthcheckRequest, HealthcheckResponse, Resources, RunnerAction}
 use uuid::Uuid;
 
 use crate::agent::Agent;
+
+/// Longest an authenticated API request waits for the first healthcheck of
+/// this agent process to have an outcome.
+pub const FIRST_CHECK_WAIT: Duration = Duration::from_secs(5);
 
 /// Interval before the control plane has told us one.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
@@ -58,6 +72,7 @@ pub fn build_request(agent: &Agent) -> HealthcheckRequest {
         capacity: capacity(agent),
         usage,
         binary_sha256: agent.binary_sha256(),
+        agent_instance: Some(agent.instance.clone()),
         boxes,
     }
 }
@@ -151,6 +166,7 @@ pub async fn run(agent: Arc<Agent>) {
             let a = agent.clone();
             tokio::spawn(async move { a.boxes.refresh_disk(Duration::from_secs(60)).await });
         }
+        let seq = agent.imports.begin_check();
         match check_once(&agent, &client).await {
             Ok(resp) => {
                 if failures > 0 {
@@ -160,6 +176,9 @@ pub async fn run(agent: Arc<Agent>) {
                 if let Err(e) = agent.set_api_key(&resp.api_key) {
                     tracing::error!("persisting the API key: {e:#}");
                 }
+                agent
+                    .imports
+                    .announce(seq, &resp.imports, time::OffsetDateTime::now_utc());
                 interval = Duration::from_secs(resp.interval_secs.clamp(1, 60));
                 for action in resp.actions {
                     let key = action_key(&action);
@@ -188,6 +207,10 @@ pub async fn run(agent: Arc<Agent>) {
                 interval = DEFAULT_INTERVAL.min(Duration::from_secs(u64::from(failures.min(5))));
             }
         }
+        // Requests that waited for this process's first answer go ahead now,
+        // with the key it brought (or, when the control plane did not answer,
+        // the one from the previous process).
+        agent.first_check_done();
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = agent.healthcheck_wakeup() => {

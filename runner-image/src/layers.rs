@@ -208,7 +208,12 @@ fn clear_dir(dir: &OwnedFd, prefix: &[u8], keep: &HashSet<Vec<u8>>) -> Result<()
 
 /// Apply one layer (an uncompressed tar stream) onto `root`.
 pub fn apply(reader: impl Read, root: &Path, opts: &ApplyOptions) -> Result<ApplyStats> {
-    let rootfd = sys::open_path(root, true)?;
+    apply_at(reader, &sys::open_path(root, true)?, opts)
+}
+
+/// [`apply`] onto the directory open as `rootfd`, for callers that opened it
+/// without following symlinks (a restore into a fresh box directory).
+pub fn apply_at(reader: impl Read, rootfd: &OwnedFd, opts: &ApplyOptions) -> Result<ApplyStats> {
     let mut archive = tar::Archive::new(reader);
     let mut stats = ApplyStats::default();
     // Paths this layer created: an opaque marker must not hide them.
@@ -227,7 +232,7 @@ pub fn apply(reader: impl Read, root: &Path, opts: &ApplyOptions) -> Result<Appl
         };
         let header = entry.header().clone();
         let kind = header.entry_type();
-        let pfd = ensure_dir(&rootfd, parent, opts.owner)?;
+        let pfd = ensure_dir(rootfd, parent, opts.owner)?;
         let parent_path = parent.join(&b'/');
 
         // Whiteouts.
@@ -237,7 +242,7 @@ pub fn apply(reader: impl Read, root: &Path, opts: &ApplyOptions) -> Result<Appl
                 WhiteoutMode::Delete => clear_dir(&pfd, &parent_path, &created)?,
                 WhiteoutMode::Overlay => {
                     let dfd = sys::open_in_root(
-                        &rootfd,
+                        rootfd,
                         &String::from_utf8_lossy(&parent_path),
                         libc::O_RDONLY | libc::O_DIRECTORY,
                     )
@@ -305,7 +310,7 @@ pub fn apply(reader: impl Read, root: &Path, opts: &ApplyOptions) -> Result<Appl
                     return Err(io_err("mkdir", &full));
                 }
                 let dfd = sys::open_in_root(
-                    &rootfd,
+                    rootfd,
                     &String::from_utf8_lossy(&full),
                     libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
                 )
@@ -387,7 +392,7 @@ pub fn apply(reader: impl Read, root: &Path, opts: &ApplyOptions) -> Result<Appl
                 let Some((tname, tparent)) = tcomps.split_last() else {
                     bail!("hard link to the root");
                 };
-                let tpfd = ensure_dir(&rootfd, tparent, opts.owner)?;
+                let tpfd = ensure_dir(rootfd, tparent, opts.owner)?;
                 let tc = cstr(tname)?;
                 match lstat_at(&tpfd, &tc) {
                     Some(st) if !is_dir(&st) => {}
@@ -436,7 +441,7 @@ pub fn apply(reader: impl Read, root: &Path, opts: &ApplyOptions) -> Result<Appl
     // Directory times last: creating entries changed them.
     for (comps, mtime) in dir_times.iter().rev() {
         if let Some((name, parent)) = comps.split_last()
-            && let Ok(pfd) = ensure_dir(&rootfd, parent, opts.owner)
+            && let Ok(pfd) = ensure_dir(rootfd, parent, opts.owner)
             && let Ok(c) = cstr(name)
         {
             set_mtime(pfd.as_raw_fd(), &c, *mtime);
@@ -722,6 +727,36 @@ mod tests {
             "keep"
         );
         assert_eq!(std::fs::read_to_string(root.join("v")).unwrap(), "new");
+    }
+
+    #[test]
+    fn hard_links_never_reach_out_of_the_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let secret = d.path().join("secret");
+        std::fs::write(&secret, "host").unwrap();
+        let abs = secret.to_str().unwrap().to_string();
+        // An absolute target names a path inside the tree: absent there, refused.
+        let t = tar_of(&[("h", tar::EntryType::Link, b"", Some(abs.as_str()))]);
+        assert!(apply(&t[..], &root, &opts(WhiteoutMode::Delete)).is_err());
+        // Through a symlink planted first: resolved inside the tree too.
+        let t = tar_of(&[
+            (
+                "l",
+                tar::EntryType::Symlink,
+                b"",
+                Some(d.path().to_str().unwrap()),
+            ),
+            ("h", tar::EntryType::Link, b"", Some("l/secret")),
+        ]);
+        assert!(apply(&t[..], &root, &opts(WhiteoutMode::Delete)).is_err());
+        // `..` refuses the archive.
+        let t = tar_of(&[("h", tar::EntryType::Link, b"", Some("../secret"))]);
+        assert!(apply(&t[..], &root, &opts(WhiteoutMode::Delete)).is_err());
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&secret).unwrap().nlink(), 1);
+        assert!(!root.join("h").exists());
     }
 
     #[test]

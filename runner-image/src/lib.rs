@@ -12,7 +12,8 @@
 //! - [`network`]: every box's network namespace, egress through NAT with a deny list, the one way in;
 //! - [`boxes`]: lifecycle, persistence and re-adoption;
 //! - [`exec`]: one-shot exec and the exec WebSocket;
-//! - [`export`]: box archives (export/import with SHA-256);
+//! - [`export`], [`imports`]: box archives (export/import with SHA-256), and
+//!   the one-time tokens without which nothing is imported;
 //! - [`api`], [`admin`], [`health`]: the HTTP API for the control plane, the
 //!   local admin socket, and the healthcheck loop;
 //! - [`upgrade`]: releases, self-upgrade with verification and rollback;
@@ -30,6 +31,7 @@ pub mod exec;
 pub mod export;
 pub mod health;
 pub mod images;
+pub mod imports;
 pub mod init_elf;
 pub mod ipc;
 pub mod layers;

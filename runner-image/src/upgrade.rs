@@ -16,8 +16,8 @@
 //! the new binary → install the release → switch `current` → restart (under
 //! systemd `systemctl restart UNIT`; otherwise the agent re-executes itself
 //! through the admin socket, keeping its pid) → wait until health reports
-//! `ok` with the new binary's SHA-256 and every box that ran before runs
-//! again → write `installed.json`. On failure after the switch: switch back,
+//! `ok` and the admin socket reports the new binary's SHA-256 and every box
+//! that ran before running again → write `installed.json`. On failure after the switch: switch back,
 //! restart the old release the same way (or, if the new one died, start the
 //! old agent again with its original command line, working directory,
 //! environment and log) and wait for it to be healthy with every box.
@@ -42,9 +42,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::admin::{AdminClient, AdminRequest, AdminStatus, Supervisor};
-use crate::api::HealthBody;
 use crate::config::{Config, Layout};
 use crate::sys;
+use protocol::RunnerLiveness;
 
 /// Environment variable counting start-up hops into `current` (loop guard).
 pub const EXEC_HOPS_ENV: &str = "BOXLITE_RUNNER_EXEC_HOPS";
@@ -593,18 +593,24 @@ async fn wait_healthy(
     // Give an exec a moment to happen before the first probe.
     tokio::time::sleep(Duration::from_millis(100)).await;
     while Instant::now() < deadline {
+        // The HTTP API must serve and say `ok`; what runs (binary, boxes) comes
+        // from the admin socket, which only root reaches (health tells an
+        // unauthenticated caller nothing more than liveness).
         match client.get(url).send().await {
             Ok(r) => {
                 let code = r.status();
-                match r.json::<HealthBody>().await {
+                match r.json::<RunnerLiveness>().await {
                     Ok(h) if !code.is_success() => {
-                        last = format!("health answers {code} ({:?})", h.health.status)
-                    }
-                    Ok(h) if h.binary_sha256.as_deref() != Some(sha) => {
-                        last = format!("the agent runs binary {:?}, not {sha}", h.binary_sha256)
+                        last = format!("health answers {code} ({:?})", h.status)
                     }
                     Ok(_) => match AdminClient::connect(&layout.admin_socket()).await {
                         Ok(mut c) => match c.status().await {
+                            Ok(st) if st.binary_sha256.as_deref() != Some(sha) => {
+                                last = format!(
+                                    "the agent runs binary {:?}, not {sha}",
+                                    st.binary_sha256
+                                )
+                            }
                             Ok(st) => {
                                 let missing: Vec<String> = boxes
                                     .iter()

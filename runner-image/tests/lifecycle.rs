@@ -358,3 +358,100 @@ async fn purge_deletes_every_box_and_takes_no_new_ones() {
     assert!(r.status().await.boxes.is_empty());
     assert!(cp.last().unwrap().boxes.is_empty());
 }
+
+/// Issue 12, finding 9: `GET /api/health` tells a caller without the
+/// runner's key only that it is alive — no name, version, box counts, binary
+/// checksum or pid. The key holder gets it all. (A degraded runner answers
+/// 503 `{"status":"degraded"}`: the upgrade tests' unhealthy release.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_tells_strangers_only_that_the_runner_is_alive() {
+    let r = Runner::start(Options::default()).await;
+    let id = r.create_box(96, false).await;
+    for key in [None, Some("wrong-key"), Some("")] {
+        let (s, body) = r.public_health(key).await.unwrap();
+        assert_eq!(s, 200);
+        assert_eq!(body, serde_json::json!({ "status": "ok" }), "key {key:?}");
+    }
+    // The control plane's key (and the local tools that read it) see everything.
+    let (s, full) = r.public_health(Some(common::KEY)).await.unwrap();
+    assert_eq!(s, 200);
+    assert_eq!(full["name"], r.name.as_str(), "{full}");
+    assert_eq!(full["version"], runner_image::VERSION);
+    assert_eq!(full["boxes_running"], 1);
+    assert_eq!(full["pid"].as_u64(), Some(u64::from(r.pid())));
+    assert!(r.status().await.boxes.iter().any(|b| b.id == id));
+    assert!(full["binary_sha256"].is_string() || full["binary_sha256"].is_null());
+    assert!(full["boxes_adopted"].is_u64() && full["uptime_secs"].is_u64());
+}
+
+/// Issue 12: a key captured by whoever answered on the runner's port while
+/// the agent was down is useless once the agent is back. Every agent process
+/// (a restart, a re-exec) reports a new `agent_instance`, the control plane
+/// hands out a new key, and the runner accepts only that one — also for a
+/// request that arrives before the new process's first check-in finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_key_is_useless_once_the_agent_restarts() {
+    let cp = FakeCp::start_rotating("bxr_rotate-token", "cp-key").await;
+    let mut r = Runner::start(Options {
+        control_plane: Some(cp.url.clone()),
+        token: Some("bxr_rotate-token".into()),
+        no_key: true,
+        ..Default::default()
+    })
+    .await;
+    let key_file = r.state.join("api_key");
+    let holds = |k: &str| std::fs::read_to_string(&key_file).is_ok_and(|f| f == k);
+    assert!(
+        testkit::wait_until(Duration::from_secs(15), || holds("cp-key-1")),
+        "first key never arrived: {:?}",
+        cp.state.lock().unwrap().keys
+    );
+    let client = reqwest::Client::new();
+    let url = format!("{}/api/sync", r.url());
+    let sync = |key: &str| {
+        let req = client.post(&url).bearer_auth(key).send();
+        async move { req.await.unwrap().status().as_u16() }
+    };
+    assert_eq!(sync("cp-key-1").await, 202);
+    // Check-ins of one process keep its key.
+    let first = cp
+        .last()
+        .unwrap()
+        .agent_instance
+        .expect("agent_instance sent");
+    cp.wait_for(Duration::from_secs(15), |_| true).await;
+    while cp.state.lock().unwrap().requests.len() < 3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(cp.state.lock().unwrap().keys, vec!["cp-key-1"]);
+
+    // `cp-key-1` is captured; the agent restarts.
+    r.kill9();
+    r.spawn().await;
+    // Straight away, while its first check-in may still be under way: refused.
+    assert_eq!(sync("cp-key-1").await, 401);
+    assert_eq!(cp.key(), "cp-key-2");
+    assert_eq!(sync("cp-key-2").await, 202);
+    assert_ne!(cp.last().unwrap().agent_instance.unwrap(), first);
+    assert!(holds("cp-key-2"));
+    // The full health body is for the current key only.
+    assert_eq!(
+        r.public_health(Some("cp-key-1")).await.unwrap().1,
+        serde_json::json!({ "status": "ok" })
+    );
+
+    // A re-exec (how an upgrade restarts the agent without a service manager)
+    // is a new process too.
+    r.admin(AdminRequest::Reexec).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cp.state.lock().unwrap().keys.len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new key after re-exec"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    r.wait_healthy(Duration::from_secs(30)).await;
+    assert_eq!(sync("cp-key-2").await, 401);
+    assert_eq!(sync("cp-key-3").await, 202);
+}

@@ -8,13 +8,27 @@
 
 mod common;
 
-use common::{Stage, stderr, stdout, variant_runner};
+use common::{Stage, http_call, stderr, stdout, variant_runner};
 
 fn runner_sha(stage: &Stage, name: &str) -> String {
     stage.api(&format!("/api/admin/runners/{name}"))["binary_sha256"]
         .as_str()
         .unwrap_or_default()
         .to_string()
+}
+
+const RUNNERS: [&str; 2] = ["runner-1", "runner-2"];
+
+/// The bearer key a runner holds (its state directory's `api_key`).
+fn runner_key(stage: &Stage, name: &str) -> String {
+    std::fs::read_to_string(
+        stage
+            .stage_dir()
+            .join(format!("data/runners/{name}/api_key")),
+    )
+    .unwrap_or_default()
+    .trim()
+    .to_string()
 }
 
 fn runner_of(stage: &Stage, id: &str) -> String {
@@ -126,6 +140,7 @@ fn platform_lifecycle_on_the_local_target() {
     );
 
     // Upgrade every runner to another build: boxes survive, the control plane sees the new binary.
+    let keys_before: Vec<String> = RUNNERS.iter().map(|n| runner_key(&stage, n)).collect();
     let build_a = variant_runner(stage.dir.path(), "a");
     let out = stage.boxctl(&[
         "runner",
@@ -156,6 +171,27 @@ fn platform_lifecycle_on_the_local_target() {
             (0, format!("{id}\n")),
             "box {id} survived the upgrade"
         );
+    }
+    // The upgraded agents are new processes: each got a new API key, and the
+    // old one (which anyone on the port during the restart could have seen)
+    // is refused. Their health tells a caller without the key only liveness.
+    for (name, old) in RUNNERS.iter().zip(&keys_before) {
+        assert!(
+            testkit::wait_until(std::time::Duration::from_secs(15), || runner_key(
+                &stage, name
+            ) != *old),
+            "{name} kept its API key across the upgrade"
+        );
+        let new = runner_key(&stage, name);
+        let address = stage.api(&format!("/api/admin/runners/{name}"))["address"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let sync = format!("{address}/api/sync");
+        assert_eq!(http_call("POST", &sync, Some(old)).0, 401, "{name}");
+        assert_eq!(http_call("POST", &sync, Some(&new)).0, 202, "{name}");
+        let (code, body) = http_call("GET", &format!("{address}/api/health"), None);
+        assert_eq!((code, body.as_str()), (200, r#"{"status":"ok"}"#), "{name}");
     }
 
     // A corrupt artifact: the first runner refuses it before stopping anything,

@@ -67,8 +67,18 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (
         3,
+        "agent instance",
+        include_str!("../../migrations/0003_agent_instance.sql"),
+    ),
+    (
+        4,
+        "box imports",
+        include_str!("../../migrations/0004_box_imports.sql"),
+    ),
+    (
+        5,
         "box egress allow-list",
-        include_str!("../../migrations/0003_box_egress.sql"),
+        include_str!("../../migrations/0005_box_egress.sql"),
     ),
 ];
 

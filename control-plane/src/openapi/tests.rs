@@ -402,6 +402,7 @@ fn cases(reg: &mut Registry) -> Vec<Case> {
                 capacity: res(),
                 usage: res(),
                 binary_sha256: Some("cd".repeat(32)),
+                agent_instance: Some("0123abcd".into()),
                 boxes: vec![report(true)],
             },
             HealthcheckRequest {
@@ -410,6 +411,7 @@ fn cases(reg: &mut Registry) -> Vec<Case> {
                 capacity: res(),
                 usage: res(),
                 binary_sha256: None,
+                agent_instance: None,
                 boxes: vec![],
             },
         ),
@@ -431,12 +433,31 @@ fn cases(reg: &mut Registry) -> Vec<Case> {
                 ],
                 api_key: "bxc_k".into(),
                 interval_secs: 10,
+                imports: vec![ImportGrant {
+                    box_id: id,
+                    token_sha256: "ef".repeat(32),
+                    expires_at: t,
+                }],
             },
             HealthcheckResponse {
                 state: RunnerState::Ready,
                 actions: vec![],
                 api_key: "bxc_k".into(),
                 interval_secs: 10,
+                imports: vec![],
+            },
+        ),
+        case(
+            reg,
+            ImportGrant {
+                box_id: id,
+                token_sha256: "ef".repeat(32),
+                expires_at: t,
+            },
+            ImportGrant {
+                box_id: id,
+                token_sha256: "ef".repeat(32),
+                expires_at: t,
             },
         ),
         case(reg, org.clone(), org.clone()),

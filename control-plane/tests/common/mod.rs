@@ -315,6 +315,40 @@ pub struct FakeState {
     pub lie_about_checksum: bool,
     /// Delay before answering an exec.
     pub exec_delay: Duration,
+    /// Imports announced in the last healthcheck answer.
+    pub imports: Vec<ImportGrant>,
+    /// Token hashes of imports accepted (each once).
+    pub used_imports: Vec<String>,
+    /// Import tokens presented, with the grant they matched.
+    pub presented: Vec<(String, ImportGrant)>,
+}
+
+/// What a fake runner is and knows, shared with its API handlers (which check
+/// in by themselves when an import they do not know of yet arrives, like the
+/// real runner).
+pub struct Fake {
+    state: Mutex<FakeState>,
+    /// Name.
+    pub name: String,
+    /// Its token.
+    pub token: String,
+    /// Base URL of its API.
+    pub address: String,
+    /// Capacity it reports.
+    pub capacity: Resources,
+    /// SHA-256 of the binary it reports.
+    pub binary_sha256: String,
+    /// The agent process id it reports (`restart` picks a new one).
+    pub instance: Mutex<String>,
+    cp: String,
+    http: reqwest::Client,
+}
+
+impl Fake {
+    /// Its state.
+    pub fn lock(&self) -> std::sync::LockResult<std::sync::MutexGuard<'_, FakeState>> {
+        self.state.lock()
+    }
 }
 
 /// A fake runner: its API on a real socket, and `sync` for one healthcheck.
@@ -330,9 +364,7 @@ pub struct FakeRunner {
     /// SHA-256 of the binary it reports.
     pub binary_sha256: String,
     /// Shared state.
-    pub state: Arc<Mutex<FakeState>>,
-    cp: String,
-    http: reqwest::Client,
+    pub state: Arc<Fake>,
     task: JoinHandle<()>,
 }
 
@@ -385,7 +417,20 @@ impl FakeRunner {
         token: String,
         capacity: Resources,
     ) -> FakeRunner {
-        let state = Arc::new(Mutex::new(FakeState::default()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let binary_sha256 = format!("{:064x}", name.len());
+        let state = Arc::new(Fake {
+            state: Mutex::new(FakeState::default()),
+            name: name.to_string(),
+            token: token.clone(),
+            address: address.clone(),
+            capacity,
+            binary_sha256: binary_sha256.clone(),
+            instance: Mutex::new(format!("{:032x}", rand::random::<u128>())),
+            cp: app.url.clone(),
+            http: reqwest::Client::new(),
+        });
         let router = Router::new()
             .route("/api/health", get(fake_health))
             .route("/api/boxes/{id}/exec", post(fake_exec))
@@ -394,8 +439,6 @@ impl FakeRunner {
             .route("/api/boxes/{id}/import", post(fake_import))
             .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = format!("http://{}", listener.local_addr().unwrap());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });
@@ -404,14 +447,49 @@ impl FakeRunner {
             token,
             address,
             capacity,
-            binary_sha256: format!("{:064x}", name.len()),
+            binary_sha256,
             state,
-            cp: app.url.clone(),
-            http: reqwest::Client::new(),
             task,
         }
     }
 
+    /// Pretend the agent process restarted: the next healthcheck reports a new `agent_instance`.
+    pub fn restart(&self) {
+        *self.state.instance.lock().unwrap() = format!("{:032x}", rand::random::<u128>());
+    }
+
+    /// The healthcheck this runner would send now.
+    pub fn report(&self) -> HealthcheckRequest {
+        self.state.report()
+    }
+
+    /// Send a healthcheck with `body`; returns the status and raw answer.
+    pub async fn healthcheck_raw(
+        &self,
+        token: &str,
+        body: &HealthcheckRequest,
+    ) -> (StatusCode, Value) {
+        self.state.healthcheck_raw(token, body).await
+    }
+
+    /// One healthcheck round: report, then apply the answered actions.
+    pub async fn sync(&self) -> HealthcheckResponse {
+        self.state.sync().await
+    }
+
+    /// Box states on this runner.
+    pub fn boxes(&self) -> BTreeMap<Uuid, BoxState> {
+        self.state
+            .lock()
+            .unwrap()
+            .boxes
+            .iter()
+            .map(|(k, v)| (*k, v.state))
+            .collect()
+    }
+}
+
+impl Fake {
     /// The healthcheck this runner would send now.
     pub fn report(&self) -> HealthcheckRequest {
         let st = self.state.lock().unwrap();
@@ -439,6 +517,7 @@ impl FakeRunner {
             capacity: self.capacity,
             usage,
             binary_sha256: Some(self.binary_sha256.clone()),
+            agent_instance: Some(self.instance.lock().unwrap().clone()),
             boxes,
         }
     }
@@ -468,6 +547,7 @@ impl FakeRunner {
         let r: HealthcheckResponse = serde_json::from_value(v).unwrap();
         let mut st = self.state.lock().unwrap();
         st.api_key = Some(r.api_key.clone());
+        st.imports = r.imports.clone();
         for a in &r.actions {
             match a {
                 RunnerAction::Create { spec } => {
@@ -497,20 +577,9 @@ impl FakeRunner {
         }
         r
     }
-
-    /// Box states on this runner.
-    pub fn boxes(&self) -> BTreeMap<Uuid, BoxState> {
-        self.state
-            .lock()
-            .unwrap()
-            .boxes
-            .iter()
-            .map(|(k, v)| (*k, v.state))
-            .collect()
-    }
 }
 
-type Shared = State<Arc<Mutex<FakeState>>>;
+type Shared = State<Arc<Fake>>;
 
 /// `Some(refusal)` unless the request carries the runner's API key.
 fn refused(st: &Shared, headers: &HeaderMap, what: String) -> Option<Response> {
@@ -682,6 +751,49 @@ async fn fake_import(
 ) -> Response {
     if let Some(r) = refused(&st, &headers, format!("POST /api/boxes/{id}/import")) {
         return r;
+    }
+    // Like the real runner: only with the token announced for this box, once;
+    // an import it has not heard of yet makes it check in first.
+    let deny = |status: StatusCode, code: &str| {
+        (
+            status,
+            axum::Json(ApiError::new(code, format!("fake runner: {code}"))),
+        )
+            .into_response()
+    };
+    let Some(token) = headers
+        .get(IMPORT_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+    else {
+        return deny(StatusCode::BAD_REQUEST, "import_token_required");
+    };
+    let hash = hex::encode(Sha256::digest(token.as_bytes()));
+    let matching = |st: &Shared| {
+        st.lock()
+            .unwrap()
+            .imports
+            .iter()
+            .find(|g| g.box_id == id && g.token_sha256 == hash)
+            .cloned()
+    };
+    let grant = match matching(&st) {
+        Some(g) => Some(g),
+        None => {
+            st.sync().await;
+            matching(&st)
+        }
+    };
+    let Some(grant) = grant else {
+        return deny(StatusCode::FORBIDDEN, "import_not_announced");
+    };
+    {
+        let mut s = st.lock().unwrap();
+        if s.used_imports.contains(&hash) {
+            return deny(StatusCode::FORBIDDEN, "import_token_used");
+        }
+        s.used_imports.push(hash);
+        s.presented.push((token, grant));
     }
     let want = headers
         .get(ARCHIVE_SHA256_HEADER)

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures::{SinkExt, StreamExt};
 use protocol::{
     BoxSpec, ExecControl, ExecEvent, ExecRequest, ExecResponse, ExecStart, HealthcheckRequest,
-    HealthcheckResponse, Resources, RunnerAction, RunnerState,
+    HealthcheckResponse, ImportGrant, Resources, RunnerAction, RunnerState,
 };
 use runner_image::admin::{AdminClient, AdminRequest, AdminStatus};
 use runner_image::api::HealthBody;
@@ -133,14 +133,14 @@ impl Runner {
         self.wait_healthy(Duration::from_secs(60)).await;
     }
 
-    /// Wait until `GET /api/health` answers 200.
-    pub async fn wait_healthy(&mut self, timeout: Duration) -> HealthBody {
+    /// Wait until `GET /api/health` answers 200 (no key needed for that).
+    pub async fn wait_healthy(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(h) = self.health().await
-                && h.0.is_success()
+            if let Ok((s, _)) = self.public_health(None).await
+                && s.is_success()
             {
-                return h.1;
+                return;
             }
             if let Some(c) = &mut self.child
                 && let Ok(Some(st)) = c.try_wait()
@@ -166,13 +166,38 @@ impl Runner {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// `GET /api/health`.
+    /// The bearer key the agent holds: the one in its state directory (the
+    /// seeded [`KEY`], or what the control plane handed out).
+    pub fn key(&self) -> String {
+        std::fs::read_to_string(self.state.join("api_key"))
+            .map(|k| k.trim().to_string())
+            .unwrap_or_else(|_| KEY.to_string())
+    }
+
+    /// `GET /api/health` with the agent's key: the full body.
     pub async fn health(&self) -> anyhow::Result<(reqwest::StatusCode, HealthBody)> {
         let r = reqwest::Client::new()
             .get(format!("{}/api/health", self.url()))
+            .bearer_auth(self.key())
             .timeout(Duration::from_secs(3))
             .send()
             .await?;
+        let s = r.status();
+        Ok((s, r.json().await?))
+    }
+
+    /// `GET /api/health` with `key` (or none): the raw body.
+    pub async fn public_health(
+        &self,
+        key: Option<&str>,
+    ) -> anyhow::Result<(reqwest::StatusCode, serde_json::Value)> {
+        let mut req = reqwest::Client::new()
+            .get(format!("{}/api/health", self.url()))
+            .timeout(Duration::from_secs(3));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let r = req.send().await?;
         let s = r.status();
         Ok((s, r.json().await?))
     }
@@ -578,6 +603,17 @@ pub struct CpState {
     pub refused: u32,
     /// Actions sent with every answer (level-triggered, like the real one).
     pub actions: Vec<RunnerAction>,
+    /// The key handed out.
+    pub api_key: String,
+    /// Like the real control plane: a new key whenever another agent process
+    /// (`agent_instance`) checks in.
+    pub rotate: bool,
+    /// The last `agent_instance` seen.
+    pub instance: Option<String>,
+    /// Keys handed out so far, oldest first.
+    pub keys: Vec<String>,
+    /// Imports announced with every answer.
+    pub imports: Vec<ImportGrant>,
 }
 
 /// A fake control plane on 127.0.0.1: answers healthchecks.
@@ -590,17 +626,30 @@ pub struct FakeCp {
 }
 
 impl FakeCp {
-    /// Start it.
+    /// Start it, handing out `api_key` for good.
     pub async fn start(token: &str, api_key: &str) -> FakeCp {
-        let state = Arc::new(Mutex::new(CpState::default()));
-        let (st, tok, key) = (state.clone(), token.to_string(), api_key.to_string());
+        Self::start_with(token, api_key, false).await
+    }
+
+    /// Start it, handing out `{api_key}-N`, a new N for every new agent process.
+    pub async fn start_rotating(token: &str, api_key: &str) -> FakeCp {
+        Self::start_with(token, api_key, true).await
+    }
+
+    async fn start_with(token: &str, api_key: &str, rotate: bool) -> FakeCp {
+        let state = Arc::new(Mutex::new(CpState {
+            api_key: api_key.to_string(),
+            rotate,
+            ..Default::default()
+        }));
+        let (st, tok, base) = (state.clone(), token.to_string(), api_key.to_string());
         let app = axum::Router::new().route(
             "/api/runners/healthcheck",
             axum::routing::post(
                 move |headers: axum::http::HeaderMap, body: axum::Json<HealthcheckRequest>| {
                     let st = st.clone();
                     let tok = tok.clone();
-                    let key = key.clone();
+                    let base = base.clone();
                     async move {
                         let ok = headers.get("authorization").and_then(|v| v.to_str().ok())
                             == Some(format!("Bearer {tok}").as_str());
@@ -609,12 +658,22 @@ impl FakeCp {
                             s.refused += 1;
                             return Err(axum::http::StatusCode::UNAUTHORIZED);
                         }
+                        if s.rotate
+                            && body.agent_instance.is_some()
+                            && body.agent_instance != s.instance
+                        {
+                            s.instance = body.agent_instance.clone();
+                            s.api_key = format!("{base}-{}", s.keys.len() + 1);
+                            let k = s.api_key.clone();
+                            s.keys.push(k);
+                        }
                         s.requests.push(body.0);
                         Ok(axum::Json(HealthcheckResponse {
                             state: RunnerState::Ready,
                             actions: s.actions.clone(),
-                            api_key: key,
+                            api_key: s.api_key.clone(),
                             interval_secs: 1,
+                            imports: s.imports.clone(),
                         }))
                     }
                 },
@@ -632,6 +691,27 @@ impl FakeCp {
             state,
             task,
         }
+    }
+
+    /// The key it hands out now.
+    pub fn key(&self) -> String {
+        self.state.lock().unwrap().api_key.clone()
+    }
+
+    /// Announce an import of `box_id` with a fresh one-time token valid for
+    /// `ttl` (negative: already expired), replacing any earlier one for the box;
+    /// the token.
+    pub fn announce_import(&self, box_id: Uuid, ttl: time::Duration) -> String {
+        use sha2::Digest;
+        let token = format!("bxi_test-{:032x}", rand::random::<u128>());
+        let mut s = self.state.lock().unwrap();
+        s.imports.retain(|g| g.box_id != box_id);
+        s.imports.push(ImportGrant {
+            box_id,
+            token_sha256: hex::encode(sha2::Sha256::digest(token.as_bytes())),
+            expires_at: time::OffsetDateTime::now_utc() + ttl,
+        });
+        token
     }
 
     /// Replace the standing actions.

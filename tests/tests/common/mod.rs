@@ -197,6 +197,32 @@ pub mod reqwest {
     }
 }
 
+/// `method url` with an optional bearer key; the status and body text.
+pub fn http_call(method: &str, url: &str, key: Option<&str>) -> (u16, String) {
+    let (method, url, key) = (
+        ::reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+        url.to_string(),
+        key.map(str::to_string),
+    );
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut req = ::reqwest::Client::new().request(method, &url);
+            if let Some(k) = key {
+                req = req.bearer_auth(k);
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.text().await.unwrap())
+        })
+    })
+    .join()
+    .unwrap()
+}
+
 /// The first of `n` consecutive free ports on 127.0.0.1 (runner N listens on
 /// base + N), none of them `avoid`.
 pub fn consecutive_free(n: u16, avoid: u16) -> u16 {
