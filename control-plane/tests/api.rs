@@ -21,6 +21,7 @@ both_backends!(
     declared_runners_are_registered_at_start,
     runner_registration_rules,
     healthcheck_converges_runner_on_desired_state,
+    network_modes_and_egress_allow_lists_are_checked_and_passed_on,
     listing_filters_and_paginates,
     placement_explains_why_nothing_fits,
     draining_and_unresponsive_runners_get_nothing,
@@ -296,6 +297,94 @@ async fn runner_registration_rules(b: Backend) {
         .admin(Method::GET, "/api/admin/runners/nope", None)
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+async fn network_modes_and_egress_allow_lists_are_checked_and_passed_on(b: Backend) {
+    let app = TestApp::start_with(b, |c| {
+        c.egress_allow = vec!["10.1.0.0/16".parse().unwrap()];
+    })
+    .await;
+    let (_, key) = app.org("acme").await;
+    let runner = FakeRunner::register(&app, "runner-1", res(8000, 16384, 100_000)).await;
+    runner.sync().await;
+    // The old boolean still reads; the default is none.
+    let old = app.create_box(&key, json!({ "network": true })).await;
+    assert_eq!(old.network, protocol::NetworkMode::Egress);
+    let plain = app.create_box(&key, json!({})).await;
+    assert_eq!(plain.network, protocol::NetworkMode::None);
+    let (_, v) = app
+        .call(
+            Method::GET,
+            &format!("/api/boxes/{}", plain.id),
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(v["network"], "none", "{v}");
+    // An allow-list within the stage's is kept (deduplicated) and reaches the runner.
+    let allowed = app
+        .create_box(
+            &key,
+            json!({ "network": "egress", "egress_allow": ["10.1.2.0/24", "10.1.9.9", "10.1.2.0/24"] }),
+        )
+        .await;
+    let want: Vec<protocol::Ipv4Cidr> = vec![
+        "10.1.2.0/24".parse().unwrap(),
+        "10.1.9.9/32".parse().unwrap(),
+    ];
+    assert_eq!(allowed.egress_allow, want);
+    let r = runner.sync().await;
+    let spec = r
+        .actions
+        .iter()
+        .find_map(|a| match a {
+            RunnerAction::Create { spec } if spec.id == allowed.id => Some(spec.clone()),
+            _ => None,
+        })
+        .expect("create action");
+    assert_eq!(spec.network, protocol::NetworkMode::Egress);
+    assert_eq!(spec.egress_allow, want);
+    // Refused, with the reason: outside the stage's list, on a none box,
+    // unknown modes, host bits, too many entries.
+    for (body, code) in [
+        (
+            json!({ "network": "egress", "egress_allow": ["192.168.0.0/24"] }),
+            "egress_not_allowed",
+        ),
+        (
+            json!({ "network": "egress", "egress_allow": ["10.0.0.0/8"] }),
+            "egress_not_allowed",
+        ),
+        (
+            json!({ "network": "none", "egress_allow": ["10.1.0.0/16"] }),
+            "invalid_network",
+        ),
+        (
+            json!({ "egress_allow": ["10.1.0.0/16"] }),
+            "invalid_network",
+        ),
+        (
+            json!({ "network": "egress", "egress_allow": (0..65).map(|i| format!("10.1.{i}.0/24")).collect::<Vec<_>>() }),
+            "invalid_network",
+        ),
+    ] {
+        let (s, v) = app
+            .call(Method::POST, "/api/boxes", Some(&key), Some(body.clone()))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert_eq!(v["code"], code, "{body}: {v}");
+    }
+    for body in [
+        json!({ "network": "host" }),
+        json!({ "network": "egress", "egress_allow": ["10.1.0.1/16"] }),
+        json!({ "network": "egress", "egress_allow": ["fd00::/8"] }),
+    ] {
+        let (s, v) = app
+            .call(Method::POST, "/api/boxes", Some(&key), Some(body.clone()))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    }
 }
 
 async fn healthcheck_converges_runner_on_desired_state(b: Backend) {

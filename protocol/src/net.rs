@@ -167,9 +167,7 @@ impl FromStr for Ipv4Cidr {
             .map_err(|_| format!("{s:?} is not an IPv4 address or CIDR block"))?;
         let c = Ipv4Cidr::new(addr, prefix).expect("prefix checked");
         if c.addr != addr {
-            return Err(format!(
-                "{s:?} has host bits set (the network is {c})"
-            ));
+            return Err(format!("{s:?} has host bits set (the network is {c})"));
         }
         Ok(c)
     }
@@ -214,7 +212,10 @@ mod tests {
             serde_json::from_str::<NetworkMode>("false").unwrap(),
             NetworkMode::None
         );
-        assert_eq!(serde_json::to_string(&NetworkMode::None).unwrap(), "\"none\"");
+        assert_eq!(
+            serde_json::to_string(&NetworkMode::None).unwrap(),
+            "\"none\""
+        );
         let e = serde_json::from_str::<NetworkMode>("\"host\"").unwrap_err();
         assert!(e.to_string().contains("unknown network mode"), "{e}");
     }
@@ -229,13 +230,21 @@ mod tests {
         let host: Ipv4Cidr = "10.1.2.3".parse().unwrap();
         assert_eq!(host.prefix(), 32);
         assert!(c.covers(&host) && !host.covers(&c) && host.overlaps(&c));
-        assert!("10.1.0.1/16".parse::<Ipv4Cidr>().unwrap_err().contains("host bits"));
+        assert!(
+            "10.1.0.1/16"
+                .parse::<Ipv4Cidr>()
+                .unwrap_err()
+                .contains("host bits")
+        );
         assert!("10.1.0.0/33".parse::<Ipv4Cidr>().is_err());
         assert!("fd00::/8".parse::<Ipv4Cidr>().is_err());
         let all: Ipv4Cidr = "0.0.0.0/0".parse().unwrap();
         assert!(all.covers(&c));
         assert_eq!(
-            outside_of(&[c, "192.168.1.0/24".parse().unwrap()], &["10.0.0.0/8".parse().unwrap()]),
+            outside_of(
+                &[c, "192.168.1.0/24".parse().unwrap()],
+                &["10.0.0.0/8".parse().unwrap()]
+            ),
             vec!["192.168.1.0/24".parse::<Ipv4Cidr>().unwrap()]
         );
     }

@@ -211,10 +211,15 @@ async fn setup_network(
         BoxDns::Off => None,
     };
     if dns.is_none() && config.box_dns != BoxDns::Off {
-        tracing::warn!("no usable upstream resolver on this host: egress boxes get no DNS (set `box_dns`)");
+        tracing::warn!(
+            "no usable upstream resolver on this host: egress boxes get no DNS (set `box_dns`)"
+        );
     }
     let mut deny = config.egress_deny.clone();
-    let urls = [config.control_plane_url.clone(), config.advertise_url.clone()];
+    let urls = [
+        config.control_plane_url.clone(),
+        config.advertise_url.clone(),
+    ];
     deny.extend(
         tokio::task::spawn_blocking(move || crate::network::addresses_of(&urls))
             .await
@@ -230,7 +235,9 @@ async fn setup_network(
     .map_err(|e| format!("{e}"))
     .and_then(|r| r.map_err(|e| format!("{e:#}")));
     match &res {
-        Ok(p) => tracing::info!(subnet = %p.subnet, dns = ?p.dns, table = %p.table(), "box egress network ready"),
+        Ok(p) => {
+            tracing::info!(subnet = %p.subnet, dns = ?p.dns, table = %p.table(), "box egress network ready")
+        }
         Err(e) => tracing::error!("box egress network unavailable: {e}"),
     }
     res

@@ -644,7 +644,8 @@ impl Boxes {
             }
             a
         };
-        if let Err(err) = crate::network::nft(&plan.allow_elements(true, address, &spec.egress_allow))
+        if let Err(err) =
+            crate::network::nft(&plan.allow_elements(true, address, &spec.egress_allow))
         {
             self.release_egress(id);
             return Err(err.context("adding the box's allow-list"));
@@ -661,8 +662,11 @@ impl Boxes {
     fn release_egress(&self, id: &Uuid) {
         let taken = {
             let mut e = self.entries.lock().unwrap();
-            e.get_mut(id)
-                .and_then(|e| e.address.take().map(|a| (a, e.record.spec.egress_allow.clone())))
+            e.get_mut(id).and_then(|e| {
+                e.address
+                    .take()
+                    .map(|a| (a, e.record.spec.egress_allow.clone()))
+            })
         };
         if let (Some((address, allow)), Ok(plan)) = (taken, self.network())
             && let Err(err) = crate::network::nft(&plan.allow_elements(false, address, &allow))

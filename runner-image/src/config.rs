@@ -304,9 +304,7 @@ impl Config {
                 let hard = crate::network::hard_deny_builtin();
                 for a in &raw.egress_allow {
                     if let Some(h) = hard.iter().find(|h| h.overlaps(a)) {
-                        bail!(
-                            "`egress_allow` entry {a} overlaps {h}, which boxes may never reach"
-                        );
+                        bail!("`egress_allow` entry {a} overlaps {h}, which boxes may never reach");
                     }
                 }
                 raw.egress_allow

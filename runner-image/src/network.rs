@@ -129,7 +129,8 @@ impl NetPlan {
         let digest = Sha256::digest(state_dir.as_os_str().as_encoded_bytes());
         let key = hex::encode(&digest[..4]);
         // Interface groups 0..=255 are the ones people name in /etc/iproute2/group.
-        let group = 0x1000_0000 | (u32::from_be_bytes([digest[4], digest[5], digest[6], digest[7]]) & 0x0fff_ffff);
+        let group = 0x1000_0000
+            | (u32::from_be_bytes([digest[4], digest[5], digest[6], digest[7]]) & 0x0fff_ffff);
         let mut hard_deny = hard_deny_builtin();
         let pool: Ipv4Cidr = SUBNET_POOL.parse().expect("constant CIDR");
         if !pool.covers(&subnet) {
@@ -185,7 +186,10 @@ impl NetPlan {
                 .join(", ")
         };
         let mut s = String::new();
-        let _ = writeln!(s, "# boxlite-runner: egress rules of the boxes of one runner.");
+        let _ = writeln!(
+            s,
+            "# boxlite-runner: egress rules of the boxes of one runner."
+        );
         let _ = writeln!(s, "table inet {t} {{}}");
         let _ = writeln!(s, "delete table inet {t}");
         let _ = writeln!(s, "table inet {t} {{");
@@ -267,11 +271,7 @@ impl NetPlan {
             s,
             "  chain box_nat {{ type nat hook postrouting priority srcnat; policy accept;"
         );
-        let _ = writeln!(
-            s,
-            "    ip saddr {} oifgroup != {g} masquerade",
-            self.subnet
-        );
+        let _ = writeln!(s, "    ip saddr {} oifgroup != {g} masquerade", self.subnet);
         let _ = writeln!(s, "  }}");
         let _ = writeln!(s, "}}");
         s
@@ -410,9 +410,7 @@ fn ip_batch(netns: Option<RawFd>, script: &str) -> Result<()> {
             });
         }
     }
-    let mut child = cmd
-        .spawn()
-        .context("running `ip` (install iproute2)")?;
+    let mut child = cmd.spawn().context("running `ip` (install iproute2)")?;
     child
         .stdin
         .take()
@@ -534,7 +532,9 @@ pub fn addresses_of(urls: &[String]) -> Vec<Ipv4Cidr> {
     use std::net::ToSocketAddrs;
     let mut out = Vec::new();
     for u in urls {
-        let Ok(url) = url::Url::parse(u) else { continue };
+        let Ok(url) = url::Url::parse(u) else {
+            continue;
+        };
         let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
             continue;
         };
@@ -561,13 +561,17 @@ pub fn host_networks() -> Result<Vec<Ipv4Cidr>> {
         .output()
         .context("running `ip route` (install iproute2)")?;
     if !out.status.success() {
-        bail!("ip route failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip route failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     #[derive(Deserialize)]
     struct Route {
         dst: String,
     }
-    let routes: Vec<Route> = serde_json::from_slice(&out.stdout).context("parsing `ip -j route`")?;
+    let routes: Vec<Route> =
+        serde_json::from_slice(&out.stdout).context("parsing `ip -j route`")?;
     Ok(routes
         .iter()
         .filter_map(|r| match r.dst.as_str() {
@@ -650,9 +654,15 @@ mod tests {
         let first = p.allocate(&used).unwrap();
         assert_eq!(first, "10.224.4.2".parse::<Ipv4Addr>().unwrap());
         used.insert(first);
-        assert_eq!(p.allocate(&used).unwrap(), "10.224.4.3".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            p.allocate(&used).unwrap(),
+            "10.224.4.3".parse::<Ipv4Addr>().unwrap()
+        );
         assert_eq!(p.box_addresses().count(), 1021);
-        assert_eq!(p.box_addresses().last().unwrap(), "10.224.7.254".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            p.box_addresses().last().unwrap(),
+            "10.224.7.254".parse::<Ipv4Addr>().unwrap()
+        );
         let all: BTreeSet<Ipv4Addr> = p.box_addresses().collect();
         assert_eq!(p.allocate(&all), None);
     }
@@ -663,7 +673,10 @@ mod tests {
         let taken = vec![
             "10.224.0.0/24".parse().unwrap(),
             "10.224.4.5/32".parse().unwrap(),
-            "0.0.0.0/0".parse::<Ipv4Cidr>().map(|_| "192.0.2.0/24".parse().unwrap()).unwrap(),
+            "0.0.0.0/0"
+                .parse::<Ipv4Cidr>()
+                .map(|_| "192.0.2.0/24".parse().unwrap())
+                .unwrap(),
         ];
         assert_eq!(
             pick_subnet(pool, RUNNER_PREFIX, &taken),
@@ -705,10 +718,18 @@ mod tests {
         let allow = pos("ip saddr . ip daddr @box_allow accept");
         let private = pos("ip daddr @private drop");
         let accept = pos(&format!("    iifgroup {g} accept"));
-        assert!(hard < allow && allow < private && private < accept, "{text}");
+        assert!(
+            hard < allow && allow < private && private < accept,
+            "{text}"
+        );
         assert!(pos(&format!("iifgroup {g} oifgroup {g} drop")) < accept);
         assert!(pos("meta nfproto ipv6 drop") < accept);
-        for c in ["169.254.0.0/16", "127.0.0.0/8", SUBNET_POOL, "203.0.113.10/32"] {
+        for c in [
+            "169.254.0.0/16",
+            "127.0.0.0/8",
+            SUBNET_POOL,
+            "203.0.113.10/32",
+        ] {
             let line = &text[pos("set hard_deny")..pos("set private")];
             assert!(line.contains(c), "{c} not hard-denied: {line}");
         }
@@ -719,7 +740,10 @@ mod tests {
         let add = p.allow_elements(true, box_ip, &["10.2.0.0/16".parse().unwrap()]);
         assert_eq!(
             add,
-            format!("add element inet {} box_allow {{ 10.224.4.2 . 10.2.0.0/16 }}\n", p.table())
+            format!(
+                "add element inet {} box_allow {{ 10.224.4.2 . 10.2.0.0/16 }}\n",
+                p.table()
+            )
         );
         assert!(p.allow_elements(false, box_ip, &[]).is_empty());
     }
@@ -735,12 +759,18 @@ mod tests {
             Path::new("/s"),
             "10.224.4.0/22".parse().unwrap(),
             Some("10.0.0.2".parse().unwrap()),
-            &["127.0.0.1/32".parse().unwrap(), "10.224.0.9/32".parse().unwrap()],
+            &[
+                "127.0.0.1/32".parse().unwrap(),
+                "10.224.0.9/32".parse().unwrap(),
+            ],
         );
         let b: Ipv4Addr = "10.224.4.2".parse().unwrap();
         for allow in [
             vec![],
-            vec![(b, "10.1.0.0/16".parse().unwrap()), (b, "10.1.2.0/24".parse().unwrap())],
+            vec![
+                (b, "10.1.0.0/16".parse().unwrap()),
+                (b, "10.1.2.0/24".parse().unwrap()),
+            ],
         ] {
             let text = p.ruleset(&allow);
             let mut child = Command::new("nft")
@@ -749,7 +779,12 @@ mod tests {
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap();
-            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
             let out = child.wait_with_output().unwrap();
             assert!(
                 out.status.success(),

@@ -1080,7 +1080,10 @@ mod tests {
                 "--die-with-parent",
                 "--clearenv",
             ] {
-                assert!(a.iter().any(|x| x == flag), "{flag} missing (egress {egress})");
+                assert!(
+                    a.iter().any(|x| x == flag),
+                    "{flag} missing (egress {egress})"
+                );
             }
             assert_eq!(a.iter().filter(|x| *x == "--add-seccomp-fd").count(), 3);
             let cap = a.iter().position(|x| x == "--cap-drop").unwrap();
@@ -1090,7 +1093,10 @@ mod tests {
             assert_eq!(a.last().unwrap(), "/proc/self/fd/9");
             // Only an egress box gets a resolver, and never the host's file.
             assert_eq!(a.iter().any(|x| x == "--ro-bind-data"), egress);
-            assert!(!a.iter().any(|x| x.contains("/etc/resolv.conf") && x != "/etc/resolv.conf"));
+            assert!(
+                !a.iter()
+                    .any(|x| x.contains("/etc/resolv.conf") && x != "/etc/resolv.conf")
+            );
             assert!(!a.iter().any(|x| x == "--ro-bind-try"));
         }
     }

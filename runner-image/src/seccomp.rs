@@ -439,10 +439,15 @@ mod tests {
                     libc::close(fd);
                 }
             }
-            for family in [libc::AF_VSOCK, libc::AF_PACKET, libc::AF_ALG, libc::AF_XDP, 45] {
+            for family in [
+                libc::AF_VSOCK,
+                libc::AF_PACKET,
+                libc::AF_ALG,
+                libc::AF_XDP,
+                45,
+            ] {
                 for ty in [libc::SOCK_STREAM, libc::SOCK_DGRAM, libc::SOCK_RAW] {
-                    if libc::socket(family, ty, 0) >= 0
-                        || crate::sys::errno() != libc::EAFNOSUPPORT
+                    if libc::socket(family, ty, 0) >= 0 || crate::sys::errno() != libc::EAFNOSUPPORT
                     {
                         return 31;
                     }

@@ -298,7 +298,11 @@ pub fn lock_wait(path: &Path) -> Result<File> {
             return Ok(f);
         }
         if errno() != libc::EINTR {
-            bail!("flock {}: {}", path.display(), std::io::Error::last_os_error());
+            bail!(
+                "flock {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
         }
     }
 }

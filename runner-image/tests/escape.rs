@@ -133,7 +133,11 @@ fn serve(addr: &str, body: &'static str) -> u16 {
             use std::io::Write;
             let mut c = c;
             let _ = c.write_all(
-                format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes(),
+                format!(
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
             );
         }
     });
@@ -143,9 +147,12 @@ fn serve(addr: &str, body: &'static str) -> u16 {
 /// `wget` `url` from inside box `id`: its output and ` rc=N` (no `-T`:
 /// busybox 1.35's wget crashes with it on a refused connection).
 async fn fetch(r: &Runner, id: uuid::Uuid, url: &str) -> String {
-    r.sh(id, &format!("timeout 4 wget -q -O - {url} 2>&1; echo \" rc=$?\""))
-        .await
-        .0
+    r.sh(
+        id,
+        &format!("timeout 4 wget -q -O - {url} 2>&1; echo \" rc=$?\""),
+    )
+    .await
+    .0
 }
 
 /// [`fetch`] of every URL at once (each may take its full timeout), in order.
@@ -163,9 +170,13 @@ async fn fetch_all(r: &Runner, id: uuid::Uuid, urls: &[String]) -> Vec<String> {
     let (out, _) = r.sh(id, &script).await;
     (0..urls.len())
         .map(|i| {
-            let start = out.find(&format!("@@{i}\n")).map(|p| p + 3 + i.to_string().len());
+            let start = out
+                .find(&format!("@@{i}\n"))
+                .map(|p| p + 3 + i.to_string().len());
             let end = out.find(&format!("@@{}\n", i + 1)).unwrap_or(out.len());
-            start.map(|s| out[s..end].to_string()).unwrap_or_else(|| format!("no result in {out}"))
+            start
+                .map(|s| out[s..end].to_string())
+                .unwrap_or_else(|| format!("no result in {out}"))
         })
         .collect()
 }
@@ -176,7 +187,11 @@ async fn box_addresses(r: &Runner, id: uuid::Uuid) -> (String, String) {
         .sh(id, "ip -4 -o addr show dev eth0 | awk '{print $4}'; ip -4 route show default | awk '{print $3}'")
         .await;
     let mut l = out.lines();
-    let addr = l.next().unwrap_or_default().trim_end_matches("/32").to_string();
+    let addr = l
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches("/32")
+        .to_string();
     let gw = l.next().unwrap_or_default().to_string();
     assert!(!addr.is_empty() && !gw.is_empty(), "no address: {out}");
     (addr, gw)
@@ -191,7 +206,8 @@ async fn no_box_reaches_the_host_other_boxes_or_private_networks() {
     let abstract_name = format!("bxt-abstract-{}", rand::random::<u32>());
     let abstract_listener = {
         use std::os::linux::net::SocketAddrExt;
-        let a = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes()).unwrap();
+        let a =
+            std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes()).unwrap();
         std::os::unix::net::UnixListener::bind_addr(&a).unwrap()
     };
     let mut r = Runner::start(Options {
@@ -239,7 +255,10 @@ async fn no_box_reaches_the_host_other_boxes_or_private_networks() {
     let (out, _) = r.sh(a, "cat /etc/resolv.conf").await;
     assert!(out.contains(&format!("nameserver {gw}")), "{out}");
     let (out, _) = r.sh(a, &format!("/probe udp {gw} 53 hello")).await;
-    assert!(out.contains("udp=dns-echo:hello"), "the resolver path: {out}");
+    assert!(
+        out.contains("udp=dns-echo:hello"),
+        "the resolver path: {out}"
+    );
 
     // Nothing of the host: its loopback services, its addresses (also the
     // gateway's), the runner's API, other ports of the gateway, metadata.
@@ -260,10 +279,21 @@ async fn no_box_reaches_the_host_other_boxes_or_private_networks() {
         );
         assert!(!out.contains(" rc=0"), "{url} answered: {out}");
     }
-    let (out, _) = r.sh(a, &format!("/probe udp {gw} 54 hello; /probe udp {} 53 direct", inet.host_addr)).await;
+    let (out, _) = r
+        .sh(
+            a,
+            &format!(
+                "/probe udp {gw} 54 hello; /probe udp {} 53 direct",
+                inet.host_addr
+            ),
+        )
+        .await;
     assert!(!out.contains("dns-echo"), "{out}");
     let (out, _) = r.sh(a, &format!("/probe abstract {abstract_name}")).await;
-    assert!(out.contains("abstract=refused"), "the host's abstract socket: {out}");
+    assert!(
+        out.contains("abstract=refused"),
+        "the host's abstract socket: {out}"
+    );
     drop(abstract_listener);
 
     // Not another box: box B serves on its own address, A cannot connect.
@@ -271,7 +301,15 @@ async fn no_box_reaches_the_host_other_boxes_or_private_networks() {
         &r,
         b,
         &ExecStart {
-            command: vec!["busybox".into(), "httpd".into(), "-f".into(), "-p".into(), "9000".into(), "-h".into(), "/www".into()],
+            command: vec![
+                "busybox".into(),
+                "httpd".into(),
+                "-f".into(),
+                "-p".into(),
+                "9000".into(),
+                "-h".into(),
+                "/www".into(),
+            ],
             ..Default::default()
         },
     )
@@ -279,19 +317,33 @@ async fn no_box_reaches_the_host_other_boxes_or_private_networks() {
     ws.disconnect().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let out = fetch(&r, b, "http://127.0.0.1:9000/").await;
-    assert!(out.contains("box-server rc=0"), "box B's own server runs: {out}");
+    assert!(
+        out.contains("box-server rc=0"),
+        "box B's own server runs: {out}"
+    );
     let out = fetch(&r, a, &format!("http://{b_addr}:9000/")).await;
-    assert!(!out.contains("box-server") && !out.contains(" rc=0"), "box A reached box B: {out}");
+    assert!(
+        !out.contains("box-server") && !out.contains(" rc=0"),
+        "box A reached box B: {out}"
+    );
     // A box listening on a port is not listening on the host.
     assert!(std::net::TcpStream::connect(("127.0.0.1", 9000)).is_err());
 
     // A box cannot give itself another address (to borrow B's allowances).
-    let (out, _) = r.sh(a, &format!("ip addr add {b_addr}/32 dev eth0 2>&1; echo rc=$?")).await;
+    let (out, _) = r
+        .sh(
+            a,
+            &format!("ip addr add {b_addr}/32 dev eth0 2>&1; echo rc=$?"),
+        )
+        .await;
     assert!(!out.contains("rc=0"), "{out}");
 
     // The allow-list opens exactly the private destination it names.
     let out = fetch(&r, allowed, &format!("http://{}:8080/", inet.private_addr)).await;
-    assert!(out.contains(&format!("internet:{}", inet.private_addr)), "{out}");
+    assert!(
+        out.contains(&format!("internet:{}", inet.private_addr)),
+        "{out}"
+    );
     let out = fetch(&r, allowed, &format!("http://127.0.0.1:{loopback_port}/")).await;
     assert!(!out.contains("host-loopback"), "{out}");
 
@@ -303,7 +355,11 @@ async fn no_box_reaches_the_host_other_boxes_or_private_networks() {
 
     // Refused up front: an allow-list outside the stage's, or on a none box,
     // or naming what nothing may reach.
-    for (network, allow) in [(true, "192.168.0.0/16"), (false, "10.199.0.0/16"), (true, "169.254.169.254/32")] {
+    for (network, allow) in [
+        (true, "192.168.0.0/16"),
+        (false, "10.199.0.0/16"),
+        (true, "169.254.169.254/32"),
+    ] {
         let e = r.try_create(make(network, &[allow])).await.unwrap_err();
         assert!(e.contains("egress_allow"), "{allow}: {e}");
     }
@@ -325,7 +381,10 @@ async fn boxes_have_no_vsock_raw_sockets_or_exotic_families() {
     for family in [40, 17, 31, 38, 44, 29] {
         let (out, code) = r.sh(id, &format!("/probe socket {family}")).await;
         assert_ne!(code, 0, "family {family}: {out}");
-        assert!(out.contains("Address family not supported"), "family {family}: {out}");
+        assert!(
+            out.contains("Address family not supported"),
+            "family {family}: {out}"
+        );
     }
     // The allowed ones still work.
     for family in [1, 2, 10, 16] {
@@ -604,4 +663,3 @@ async fn box_cannot_inject_input_into_the_runners_terminal() {
         libc::close(slave);
     }
 }
-

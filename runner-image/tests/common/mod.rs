@@ -373,13 +373,21 @@ fn ip(args: &str) {
 impl Internet {
     /// Create the namespace, its link and routes, and start the servers.
     pub fn start() -> Internet {
-        let _lock = runner_image::sys::lock_wait(Path::new("/tmp/boxlite-test-internet.lock")).unwrap();
+        let _lock =
+            runner_image::sys::lock_wait(Path::new("/tmp/boxlite-test-internet.lock")).unwrap();
         let routes = String::from_utf8(
-            Command::new("ip").args(["-4", "route", "show", "table", "all"]).output().unwrap().stdout,
+            Command::new("ip")
+                .args(["-4", "route", "show", "table", "all"])
+                .output()
+                .unwrap()
+                .stdout,
         )
         .unwrap();
         let k = (0..64u8)
-            .find(|k| !routes.contains(&format!("198.51.100.{} ", k * 4 + 2)) && !routes.contains(&format!("198.51.100.{}/30", k * 4)))
+            .find(|k| {
+                !routes.contains(&format!("198.51.100.{} ", k * 4 + 2))
+                    && !routes.contains(&format!("198.51.100.{}/30", k * 4))
+            })
             .expect("a free /30 in 198.51.100.0/24");
         let name = format!("bxt-inet-{}-{k}", std::process::id());
         let host_if = format!("bxti{}x{k}", std::process::id() % 100_000);
@@ -387,7 +395,9 @@ impl Internet {
         let addr = std::net::Ipv4Addr::new(198, 51, 100, k * 4 + 2);
         let private_addr = std::net::Ipv4Addr::new(10, 199, k, 1);
         ip(&format!("netns add {name}"));
-        ip(&format!("link add {host_if} type veth peer name eth0 netns {name}"));
+        ip(&format!(
+            "link add {host_if} type veth peer name eth0 netns {name}"
+        ));
         ip(&format!("addr add {host_addr}/30 dev {host_if}"));
         ip(&format!("link set {host_if} up"));
         ip(&format!("-n {name} addr add {addr}/30 dev eth0"));
@@ -406,7 +416,8 @@ impl Internet {
                 assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
                 if udp {
                     let s = std::net::UdpSocket::bind("0.0.0.0:53").unwrap();
-                    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                    s.set_read_timeout(Some(Duration::from_millis(100)))
+                        .unwrap();
                     let mut buf = [0u8; 512];
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         if let Ok((n, from)) = s.recv_from(&mut buf) {
@@ -428,8 +439,11 @@ impl Internet {
                                 let _ = c.read(&mut buf);
                                 let body = format!("internet:{}", c.local_addr().unwrap().ip());
                                 let _ = c.write_all(
-                                    format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len())
-                                        .as_bytes(),
+                                    format!(
+                                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                                        body.len()
+                                    )
+                                    .as_bytes(),
                                 );
                             }
                             Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -459,7 +473,9 @@ impl Drop for Internet {
             .args(["route", "del", &format!("{}/32", self.private_addr)])
             .status();
         // The veth pair goes with the namespace.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -829,16 +845,24 @@ pub fn busybox_image_with(out: &Path, extra: &[(&str, Vec<u8>, u32)]) {
         h.set_size(data.len() as u64);
         b.append_data(&mut h, path, data).unwrap();
     };
-    add("bin/busybox", &std::fs::read("/bin/busybox").unwrap(), 0o755);
+    add(
+        "bin/busybox",
+        &std::fs::read("/bin/busybox").unwrap(),
+        0o755,
+    );
     for (path, data, mode) in extra {
         add(path, data, *mode);
     }
-    for applet in ["sh", "wget", "ip", "cat", "echo", "sleep", "timeout", "grep", "ls", "id", "awk", "mkdir", "tr", "wc", "ps", "head"] {
+    for applet in [
+        "sh", "wget", "ip", "cat", "echo", "sleep", "timeout", "grep", "ls", "id", "awk", "mkdir",
+        "tr", "wc", "ps", "head",
+    ] {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_size(0);
         h.set_mode(0o777);
-        b.append_link(&mut h, format!("bin/{applet}"), "busybox").unwrap();
+        b.append_link(&mut h, format!("bin/{applet}"), "busybox")
+            .unwrap();
     }
     let layer = b.into_inner().unwrap();
     runner_image::images::write_oci_layout(out, &[layer], &["PATH=/bin"]).unwrap();
