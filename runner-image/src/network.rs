@@ -263,7 +263,7 @@ impl NetPlan {
         let _ = writeln!(s, "    iifgroup {g} ip daddr @hard_deny drop");
         let _ = writeln!(s, "    iifgroup {g} ip saddr . ip daddr @box_allow accept");
         let _ = writeln!(s, "    iifgroup {g} ip daddr @private drop");
-        let _ = writeln!(s, "    iifgroup {g} drop");
+        let _ = writeln!(s, "    iifgroup {g} accept");
         let _ = writeln!(s, "    oifgroup {g} ct state established,related accept");
         let _ = writeln!(s, "    oifgroup {g} drop");
         let _ = writeln!(s, "  }}");
