@@ -24,10 +24,11 @@ use uuid::Uuid;
 
 use crate::cgroups::{Hierarchy, Limits, Placement};
 use crate::config::{Config, Layout};
+use crate::ids::{IdPool, IdRange};
 use crate::images::ImageStore;
 use crate::ipc::{self, ShimInfo};
 use crate::network::{EgressLaunch, NetPlan};
-use crate::sandbox::{BoxLaunch, IdRange};
+use crate::sandbox::BoxLaunch;
 use crate::sys;
 
 /// Smallest memory limit a box may have.
@@ -90,6 +91,10 @@ pub struct BoxRecord {
     /// Address of an egress box while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<Ipv4Addr>,
+    /// The box's host id range; absent for boxes created before ranges
+    /// (they run as the runner's single `box_uid` until their next start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids: Option<IdRange>,
 }
 
 struct Entry {
@@ -127,6 +132,7 @@ pub struct Boxes {
     config: Config,
     layout: Layout,
     images: ImageStore,
+    pool: IdPool,
     hierarchy: Hierarchy,
     exe: PathBuf,
     entries: Mutex<HashMap<Uuid, Entry>>,
@@ -186,6 +192,7 @@ impl Boxes {
         }
         Ok(Boxes {
             images: ImageStore::new(&config.image_dir, config.box_uid),
+            pool: IdPool::new(config.box_uid, &config.id_claims_dir),
             config: config.clone(),
             layout,
             hierarchy,
@@ -254,6 +261,19 @@ impl Boxes {
     /// The image store.
     pub fn images(&self) -> &ImageStore {
         &self.images
+    }
+
+    /// The host id ranges boxes are given.
+    pub fn pool(&self) -> &IdPool {
+        &self.pool
+    }
+
+    /// Host ids of a box: its range, or the single legacy uid.
+    pub fn ids_of(&self, record: &BoxRecord) -> IdRange {
+        record.ids.unwrap_or(IdRange {
+            base: self.config.box_uid,
+            count: 1,
+        })
     }
 
     /// The configuration.
@@ -479,6 +499,7 @@ impl Boxes {
             image_digest: image.digest,
             last_error: None,
             address: None,
+            ids: None,
         };
         // Claim the id under the map's lock, holding the box's operation lock,
         // so two concurrent creates of one id never both build it.
@@ -524,19 +545,21 @@ impl Boxes {
             tracing::warn!(%id, "removing an unfinished box directory");
             let _ = std::fs::remove_dir_all(&dir);
         }
+        let mut record = record;
         let res = (|| -> Result<()> {
             std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
             for sub in ["upper", "work"] {
                 std::fs::create_dir(dir.join(sub))?;
             }
+            let ids = self.pool.claim(&dir, &id)?;
+            record.ids = Some(ids);
             // Root of the box owns its writable layer.
-            std::os::unix::fs::chown(
-                dir.join("upper"),
-                Some(self.config.box_uid),
-                Some(self.config.box_uid),
-            )?;
+            std::os::unix::fs::chown(dir.join("upper"), Some(ids.base), Some(ids.base))?;
             std::fs::set_permissions(dir.join("upper"), std::fs::Permissions::from_mode(0o755))?;
+            if let Some(e) = self.entries.lock().unwrap().get_mut(&id) {
+                e.record.ids = Some(ids);
+            }
             self.save(&id, &record)
         })();
         if let Err(e) = res {
@@ -675,12 +698,36 @@ impl Boxes {
         }
     }
 
+    /// The box's id range, claimed (again) for it: a box from before ranges,
+    /// or whose range another box took meanwhile, gets a new one and its
+    /// writable layer's files move into it. Saved in the record.
+    fn ensure_ids(&self, id: &Uuid, record: &mut BoxRecord) -> Result<IdRange> {
+        let dir = self.box_dir(id);
+        if let Some(r) = record.ids
+            && self.pool.confirm(r, &dir)?
+        {
+            return Ok(r);
+        }
+        let old = self.ids_of(record);
+        let new = self.pool.claim(&dir, id)?;
+        let n = crate::ids::shift_tree(&dir.join("upper"), old, new)
+            .context("moving the box's files into its id range")?;
+        tracing::info!(%id, from = old.base, to = new.base, entries = n, "box moved to an id range of its own");
+        record.ids = Some(new);
+        self.save(id, record)?;
+        if let Some(e) = self.entries.lock().unwrap().get_mut(id) {
+            e.record.ids = Some(new);
+        }
+        Ok(new)
+    }
+
     async fn launch_shim(
         &self,
         id: &Uuid,
         record: &mut BoxRecord,
         egress: Option<EgressLaunch>,
     ) -> Result<ShimInfo> {
+        let ids = self.ensure_ids(id, record)?;
         let spec = &record.spec;
         let image = self.images.get(&spec.image).ok_or_else(|| {
             BoxError::new(
@@ -704,10 +751,8 @@ impl Boxes {
             env,
             placement: placement.clone(),
             limits: self.limits(spec),
-            ids: IdRange {
-                base: self.config.box_uid,
-                count: 1,
-            },
+            ids,
+            lower_ids: self.images.ids_of(&image),
             nofile: self.config.nofile_per_process,
             bwrap: self.config.bwrap_path.clone(),
             max_sessions: self.config.max_sessions_per_box,
@@ -819,6 +864,7 @@ impl Boxes {
         let _g = lock.lock().await;
         self.stop_locked(id).await?;
         let dir = self.box_dir(id);
+        let ids = self.record(id).and_then(|r| r.ids);
         // remove_dir_all never follows the box's symlinks.
         tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
             .await
@@ -831,6 +877,9 @@ impl Boxes {
                 }
             })
             .context("removing the box's files")?;
+        if let Some(r) = ids {
+            self.pool.release(r, &self.box_dir(id));
+        }
         self.entries.lock().unwrap().remove(id);
         Ok(())
     }

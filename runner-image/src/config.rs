@@ -17,7 +17,8 @@ use serde::Deserialize;
 /// Default path of the configuration file on a runner host.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/boxlite/runner.toml";
 
-/// Host uid that every box's root user maps to (see [`Config::box_uid`]).
+/// Host uid boxes' root mapped to before every box had a range of its own;
+/// box ranges start right above it (see [`Config::box_uid`]).
 pub const DEFAULT_BOX_UID: u32 = 0x7000_0000;
 
 /// Which cgroup layout the agent uses.
@@ -92,6 +93,8 @@ struct RawConfig {
     egress_allow: Vec<Ipv4Cidr>,
     #[serde(default)]
     egress_deny: Vec<Ipv4Cidr>,
+    #[serde(default)]
+    id_claims_dir: Option<PathBuf>,
 }
 
 /// The agent's resolved configuration.
@@ -116,7 +119,9 @@ pub struct Config {
     /// v1: parent cgroup name under each controller (default `boxlite/<name>`);
     /// v2: parent cgroup path below `/sys/fs/cgroup` (default: the agent's own cgroup).
     pub cgroup_parent: Option<String>,
-    /// Host uid (and gid) that root inside every box maps to; unprivileged on the host.
+    /// Host uid (and gid) root of boxes mapped to before per-box ranges (and
+    /// still does for such boxes until they restart); each box's own range of
+    /// 65,536 ids is taken from above it. Unprivileged on the host.
     pub box_uid: u32,
     /// `pids.max` of every box.
     pub pids_per_box: u64,
@@ -162,7 +167,13 @@ pub struct Config {
     /// Destinations denied to every box on top of the built-in deny list
     /// (the control plane's and runner's addresses are added by themselves).
     pub egress_deny: Vec<Ipv4Cidr>,
+    /// Where the host's box id-range claims are kept, shared by every runner
+    /// of the host (default [`DEFAULT_ID_CLAIMS_DIR`]).
+    pub id_claims_dir: PathBuf,
 }
+
+/// Default of [`Config::id_claims_dir`].
+pub const DEFAULT_ID_CLAIMS_DIR: &str = "/var/lib/boxlite/id-claims";
 
 /// Where egress boxes' DNS queries go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -310,6 +321,11 @@ impl Config {
                 raw.egress_allow
             },
             egress_deny: raw.egress_deny,
+            id_claims_dir: raw
+                .id_claims_dir
+                .as_deref()
+                .map(abs)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_ID_CLAIMS_DIR)),
         })
     }
 

@@ -32,6 +32,7 @@ use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
 use crate::boxes::{BoxError, BoxRecord, Boxes, Desired};
+use crate::ids::IdRange;
 use crate::layers::{self, ApplyOptions, WhiteoutMode};
 use crate::sys;
 
@@ -124,7 +125,7 @@ pub async fn export(boxes: &Boxes, id: &Uuid) -> Result<Export> {
         source_runner: boxes.config().name.clone(),
     };
     let upper = boxes.dir_of(id).join("upper");
-    let owner = boxes.config().box_uid;
+    let owner = boxes.ids_of(&record).base;
     let path = boxes
         .config()
         .layout()
@@ -235,12 +236,13 @@ where
     }
     let boxes_dir = boxes.config().layout().boxes();
     let staging = boxes_dir.join(format!(".import-{id}-{:08x}", rand::random::<u32>()));
-    let owner = boxes.config().box_uid;
+    // The box's own id range, claimed for its final directory.
+    let ids = boxes.pool().claim(&boxes.dir_of(id), id)?;
     let images = boxes.images().clone();
     let id2 = *id;
     let tmp2 = tmp.clone();
     let st2 = staging.clone();
-    let res = tokio::task::spawn_blocking(move || restore(&tmp2, &st2, &id2, owner, &images))
+    let res = tokio::task::spawn_blocking(move || restore(&tmp2, &st2, &id2, ids, &images))
         .await
         .map_err(|e| anyhow!("{e}"))
         .and_then(|r| r);
@@ -248,6 +250,7 @@ where
         Ok(r) => r,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&staging);
+            boxes.pool().release(ids, &boxes.dir_of(id));
             return Err(e);
         }
     };
@@ -256,10 +259,12 @@ where
     let dest = boxes.dir_of(id);
     if boxes.exists(id) {
         let _ = std::fs::remove_dir_all(&staging);
+        boxes.pool().release(ids, &dest);
         return Err(BoxError::new("conflict", format!("box {id} appeared meanwhile")).into());
     }
     if let Err(e) = std::fs::rename(&staging, &dest) {
         let _ = std::fs::remove_dir_all(&staging);
+        boxes.pool().release(ids, &dest);
         return Err(anyhow::Error::new(e).context("moving the imported box into place"));
     }
     sys::fsync_dir(&boxes_dir);
@@ -330,7 +335,7 @@ fn restore(
     archive: &Path,
     staging: &Path,
     id: &Uuid,
-    owner: u32,
+    ids: IdRange,
     images: &crate::images::ImageStore,
 ) -> Result<BoxRecord> {
     let invalid = |m: String| -> anyhow::Error { BoxError::new("bad_request", m).into() };
@@ -385,7 +390,7 @@ fn restore(
         &sfd,
         &ApplyOptions {
             whiteouts: WhiteoutMode::Overlay,
-            owner,
+            ids,
             max_bytes: MAX_ARCHIVE * 4,
             max_entries: 10_000_000,
         },
@@ -427,8 +432,8 @@ fn restore(
     // The descriptor, never the path: chown on a path follows a symlink.
     fchown(
         &upper,
-        Some(Uid::from_raw(owner)),
-        Some(Gid::from_raw(owner)),
+        Some(Uid::from_raw(ids.base)),
+        Some(Gid::from_raw(ids.base)),
     )?;
     mkdirat(&sfd, "work", Mode::from_bits_truncate(0o700))?;
     let record = BoxRecord {
@@ -439,6 +444,7 @@ fn restore(
         image_digest: image.digest,
         last_error: None,
         address: None,
+        ids: Some(ids),
     };
     let mut f = std::fs::File::from(
         openat(

@@ -1,7 +1,10 @@
 //! The image store: read-only root filesystems that boxes are layered on.
 //!
-//! Layout: `<image_dir>/<name>/rootfs/` (the tree, owned by the box uid so
-//! root inside a box owns its files) and `<image_dir>/<name>/image.json`.
+//! Layout: `<image_dir>/<name>/rootfs/` (the tree, with the image's own ids:
+//! owned by host root, shown to each box in its own id range through an
+//! idmapped mount, see [`crate::ids`]) and `<image_dir>/<name>/image.json`.
+//! Images stored before that are owned by the runner's single `box_uid`;
+//! [`ImageInfo::ids`] tells the two apart.
 //! Images are immutable once stored — overlayfs forbids changing a lower
 //! layer under a mounted box — so importing an existing name is refused.
 //!
@@ -23,6 +26,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::ids::IdRange;
 use crate::layers::{self, ApplyOptions, WhiteoutMode};
 use crate::sys;
 
@@ -52,14 +56,24 @@ pub struct ImageInfo {
     pub working_dir: Option<String>,
     /// When it was stored (RFC 3339).
     pub created_at: String,
+    /// Host ids its files are owned by; absent for images stored with the
+    /// runner's single box uid (see [`ImageStore::ids_of`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids: Option<IdRange>,
 }
 
 /// The store.
 #[derive(Clone, Debug)]
 pub struct ImageStore {
     dir: PathBuf,
-    owner: u32,
+    legacy_owner: u32,
 }
+
+/// Ids new images are stored with: their own, unshifted.
+pub const IMAGE_IDS: IdRange = IdRange {
+    base: 0,
+    count: crate::ids::ID_RANGE,
+};
 
 /// True for names like `default`, `python-3.12`, `ubuntu_24.04`.
 pub fn valid_name(name: &str) -> bool {
@@ -81,12 +95,21 @@ fn now_rfc3339() -> String {
 }
 
 impl ImageStore {
-    /// The store at `dir`; files are owned by `owner` (the box uid).
-    pub fn new(dir: &Path, owner: u32) -> ImageStore {
+    /// The store at `dir`; images stored before id ranges are owned by
+    /// `legacy_owner` (the runner's `box_uid`).
+    pub fn new(dir: &Path, legacy_owner: u32) -> ImageStore {
         ImageStore {
             dir: dir.to_path_buf(),
-            owner,
+            legacy_owner,
         }
+    }
+
+    /// Host ids the files of image `info` are owned by.
+    pub fn ids_of(&self, info: &ImageInfo) -> IdRange {
+        info.ids.unwrap_or(IdRange {
+            base: self.legacy_owner,
+            count: 1,
+        })
     }
 
     /// Root filesystem of an image.
@@ -182,6 +205,7 @@ impl ImageStore {
                     ],
                     working_dir: None,
                     created_at: now_rfc3339(),
+                    ids: Some(IMAGE_IDS),
                 };
                 self.commit(&staging, &info)?;
                 Ok(info)
@@ -288,7 +312,7 @@ impl ImageStore {
             std::fs::write(&p, content)?;
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
         }
-        chown_tree(root, self.owner)?;
+        chown_tree(root, IMAGE_IDS.base)?;
         Ok(digest)
     }
 
@@ -422,7 +446,7 @@ impl ImageStore {
         let rootfs = staging.join("rootfs");
         let opts = ApplyOptions {
             whiteouts: WhiteoutMode::Delete,
-            owner: self.owner,
+            ids: IMAGE_IDS,
             max_bytes: MAX_IMAGE_BYTES,
             max_entries: MAX_IMAGE_ENTRIES,
         };
@@ -462,7 +486,7 @@ impl ImageStore {
             if std::fs::symlink_metadata(&p).is_err() {
                 std::fs::create_dir(&p)?;
                 std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
-                std::os::unix::fs::chown(&p, Some(self.owner), Some(self.owner))?;
+                std::os::unix::fs::chown(&p, Some(IMAGE_IDS.base), Some(IMAGE_IDS.base))?;
             }
         }
         // Environment and working directory from the image configuration.
@@ -503,6 +527,7 @@ impl ImageStore {
             env,
             working_dir,
             created_at: now_rfc3339(),
+            ids: Some(IMAGE_IDS),
         };
         self.commit(staging, &info)?;
         Ok(info)

@@ -6,8 +6,9 @@
 //! `RESOLVE_IN_ROOT` (so `lib -> /usr/lib` resolves inside the tree, as
 //! container runtimes do), every final component is created with `*at()`
 //! calls that do not follow symlinks, `..` components refuse the whole
-//! archive, device nodes are skipped, set-id bits are dropped, and every file
-//! is owned by the box's host uid. Totals are capped.
+//! archive, device nodes are skipped, set-id bits are dropped, and every
+//! entry's owner is mapped into the target's id range ([`IdRange`]; ids
+//! past its end become `nobody`). Totals are capped.
 //!
 //! Whiteouts use the OCI notation in archives (`.wh.NAME` deletes `NAME`,
 //! `.wh..wh..opq` hides everything the lower layers had in a directory). When
@@ -24,6 +25,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 
+use crate::ids::IdRange;
 use crate::sys;
 
 /// OCI whiteout prefix.
@@ -47,8 +49,9 @@ pub enum WhiteoutMode {
 pub struct ApplyOptions {
     /// Whiteout handling.
     pub whiteouts: WhiteoutMode,
-    /// Owner (uid and gid) of everything created.
-    pub owner: u32,
+    /// Host ids the archive's ids land in: an entry owned by `n` in the
+    /// archive is owned by `ids.host_id(n)` (so a one-id range owns everything).
+    pub ids: IdRange,
     /// Most bytes of file content accepted.
     pub max_bytes: u64,
     /// Most entries accepted.
@@ -232,7 +235,7 @@ pub fn apply_at(reader: impl Read, rootfd: &OwnedFd, opts: &ApplyOptions) -> Res
         };
         let header = entry.header().clone();
         let kind = header.entry_type();
-        let pfd = ensure_dir(rootfd, parent, opts.owner)?;
+        let pfd = ensure_dir(rootfd, parent, opts.ids.base)?;
         let parent_path = parent.join(&b'/');
 
         // Whiteouts.
@@ -280,8 +283,8 @@ pub fn apply_at(reader: impl Read, rootfd: &OwnedFd, opts: &ApplyOptions) -> Res
                     libc::fchownat(
                         pfd.as_raw_fd(),
                         c.as_ptr(),
-                        opts.owner,
-                        opts.owner,
+                        opts.ids.base,
+                        opts.ids.base,
                         libc::AT_SYMLINK_NOFOLLOW,
                     )
                 };
@@ -290,6 +293,10 @@ pub fn apply_at(reader: impl Read, rootfd: &OwnedFd, opts: &ApplyOptions) -> Res
         }
 
         let cname = cstr(name)?;
+        let (uid, gid) = (
+            opts.ids.host_id(header.uid().unwrap_or(0)),
+            opts.ids.host_id(header.gid().unwrap_or(0)),
+        );
         let mode = (header.mode().unwrap_or(0o644) & 0o1777) as libc::mode_t;
         let mtime = header.mtime().unwrap_or(0) as i64;
         let full: Vec<u8> = comps.join(&b'/');
@@ -319,7 +326,7 @@ pub fn apply_at(reader: impl Read, rootfd: &OwnedFd, opts: &ApplyOptions) -> Res
                 })?;
                 // SAFETY: valid descriptor.
                 unsafe {
-                    libc::fchown(dfd.as_raw_fd(), opts.owner, opts.owner);
+                    libc::fchown(dfd.as_raw_fd(), uid, gid);
                     libc::fchmod(dfd.as_raw_fd(), mode);
                 }
                 dir_times.push((comps.clone(), mtime));
@@ -354,7 +361,7 @@ pub fn apply_at(reader: impl Read, rootfd: &OwnedFd, opts: &ApplyOptions) -> Res
                 stats.bytes += n;
                 // SAFETY: valid descriptor. chown first: it would clear set-id bits anyway.
                 unsafe {
-                    libc::fchown(f.as_raw_fd(), opts.owner, opts.owner);
+                    libc::fchown(f.as_raw_fd(), uid, gid);
                     libc::fchmod(f.as_raw_fd(), mode);
                 }
                 set_mtime(fd, &cname, mtime);
@@ -372,15 +379,7 @@ pub fn apply_at(reader: impl Read, rootfd: &OwnedFd, opts: &ApplyOptions) -> Res
                 if unsafe { libc::symlinkat(t.as_ptr(), fd, cname.as_ptr()) } != 0 {
                     return Err(io_err("symlink", &full));
                 }
-                unsafe {
-                    libc::fchownat(
-                        fd,
-                        cname.as_ptr(),
-                        opts.owner,
-                        opts.owner,
-                        libc::AT_SYMLINK_NOFOLLOW,
-                    )
-                };
+                unsafe { libc::fchownat(fd, cname.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) };
                 set_mtime(fd, &cname, mtime);
             }
             tar::EntryType::Link => {
@@ -392,7 +391,7 @@ pub fn apply_at(reader: impl Read, rootfd: &OwnedFd, opts: &ApplyOptions) -> Res
                 let Some((tname, tparent)) = tcomps.split_last() else {
                     bail!("hard link to the root");
                 };
-                let tpfd = ensure_dir(rootfd, tparent, opts.owner)?;
+                let tpfd = ensure_dir(rootfd, tparent, opts.ids.base)?;
                 let tc = cstr(tname)?;
                 match lstat_at(&tpfd, &tc) {
                     Some(st) if !is_dir(&st) => {}
@@ -419,15 +418,7 @@ pub fn apply_at(reader: impl Read, rootfd: &OwnedFd, opts: &ApplyOptions) -> Res
                 if unsafe { libc::mknodat(fd, cname.as_ptr(), libc::S_IFIFO | mode, 0) } != 0 {
                     return Err(io_err("mkfifo", &full));
                 }
-                unsafe {
-                    libc::fchownat(
-                        fd,
-                        cname.as_ptr(),
-                        opts.owner,
-                        opts.owner,
-                        libc::AT_SYMLINK_NOFOLLOW,
-                    )
-                };
+                unsafe { libc::fchownat(fd, cname.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) };
             }
             tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => continue,
             _ => {
@@ -441,7 +432,7 @@ pub fn apply_at(reader: impl Read, rootfd: &OwnedFd, opts: &ApplyOptions) -> Res
     // Directory times last: creating entries changed them.
     for (comps, mtime) in dir_times.iter().rev() {
         if let Some((name, parent)) = comps.split_last()
-            && let Ok(pfd) = ensure_dir(rootfd, parent, opts.owner)
+            && let Ok(pfd) = ensure_dir(rootfd, parent, opts.ids.base)
             && let Ok(c) = cstr(name)
         {
             set_mtime(pfd.as_raw_fd(), &c, *mtime);
@@ -655,7 +646,10 @@ mod tests {
     fn opts(mode: WhiteoutMode) -> ApplyOptions {
         ApplyOptions {
             whiteouts: mode,
-            owner: nix::unistd::getuid().as_raw(),
+            ids: IdRange {
+                base: nix::unistd::getuid().as_raw(),
+                count: 1,
+            },
             max_bytes: 1 << 20,
             max_entries: 1000,
         }

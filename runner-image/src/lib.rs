@@ -9,6 +9,7 @@
 //!   the box's PID 1, entering a running box;
 //! - [`shim`], [`ipc`]: the per-box process that owns a box and its exec
 //!   sessions and outlives the agent, and the protocol to talk to it;
+//! - [`ids`]: every box's own host uid/gid range, claimed host-wide, and idmapped images;
 //! - [`network`]: every box's network namespace, egress through NAT with a deny list, the one way in;
 //! - [`boxes`]: lifecycle, persistence and re-adoption;
 //! - [`exec`]: one-shot exec and the exec WebSocket;
@@ -30,6 +31,7 @@ pub mod config;
 pub mod exec;
 pub mod export;
 pub mod health;
+pub mod ids;
 pub mod images;
 pub mod imports;
 pub mod init_elf;

@@ -712,7 +712,7 @@ mod tests {
         // The host itself, nothing but the DNS path, and spoofed sources.
         pos(&format!("iifgroup {g} drop"));
         pos(&format!("iifgroup {g} fib saddr . iif oif missing drop"));
-        pos(&format!("dnat ip to 10.0.0.2:53"));
+        pos("dnat ip to 10.0.0.2:53");
         // Hard deny before the allow-list, private ranges after it, accept last.
         let hard = pos("ip daddr @hard_deny drop");
         let allow = pos("ip saddr . ip daddr @box_allow accept");

@@ -38,6 +38,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroups::{Limits, Placement};
+use crate::ids::IdRange;
 use crate::ipc::ExecSpec;
 use crate::network::EgressLaunch;
 use crate::seccomp::Policy;
@@ -72,33 +73,10 @@ const FD_USERNS_BLOCK: RawFd = 11;
 const FD_RESOLV: RawFd = 12;
 /// Descriptor numbers bubblewrap receives, in order.
 pub const BWRAP_FDS: [RawFd; 10] = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
-/// Size of a box's uid (and gid) range: what an image's files may be owned by.
-pub const ID_RANGE: u32 = 65536;
 /// `RLIMIT_CORE` of every box process. 1, not 0: a pipe `core_pattern` (the
 /// host's crash reporter, run as root outside the box) ignores 0 but refuses
 /// to run for a limit of 1, and a file dump needs a page at least.
 pub const CORE_LIMIT: u64 = 1;
-
-/// Host uids (and gids) of one box: root in the box is `base`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IdRange {
-    /// First host id.
-    pub base: u32,
-    /// How many ids.
-    pub count: u32,
-}
-
-impl IdRange {
-    /// The line of `uid_map`/`gid_map` that maps ids 0.. of the box onto the range.
-    pub fn map_line(&self) -> String {
-        format!("0 {} {}\n", self.base, self.count)
-    }
-
-    /// True when the host id `id` belongs to this range.
-    pub fn contains(&self, id: u32) -> bool {
-        id >= self.base && id - self.base < self.count
-    }
-}
 
 /// Everything a shim needs to start one box (`<box>/launch.json`, written by the agent).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +101,8 @@ pub struct BoxLaunch {
     pub limits: Limits,
     /// Host uids and gids of the box.
     pub ids: IdRange,
+    /// Host ids the image's files are owned by (shown to the box in its range).
+    pub lower_ids: IdRange,
     /// `RLIMIT_NOFILE` of every process in the box.
     pub nofile: u64,
     /// bubblewrap binary.
@@ -175,7 +155,6 @@ pub fn mount_overlay(l: &BoxLaunch) -> Result<PathBuf> {
         // SAFETY: fresh descriptor.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     };
-    let layers = [open(&l.lower)?, open(&l.upper)?, open(&l.work)?];
     let base = Path::new(SANDBOX_MOUNT_BASE);
     nix::mount::mount(
         Some("tmpfs"),
@@ -187,6 +166,13 @@ pub fn mount_overlay(l: &BoxLaunch) -> Result<PathBuf> {
         Some("mode=0755,size=64k"),
     )
     .with_context(|| format!("mounting a private tmpfs on {}", base.display()))?;
+    // The image, its ids shown in the box's range (an idmapped mount).
+    let lower = base.join("lower");
+    std::fs::create_dir(&lower)?;
+    let userns = crate::ids::idmap_userns(&crate::ids::idmap_line(l.lower_ids, l.ids))?;
+    crate::ids::mount_idmapped(&l.lower, &lower, &userns)?;
+    drop(userns);
+    let layers = [open(&lower)?, open(&l.upper)?, open(&l.work)?];
     let root = base.join("root");
     std::fs::create_dir(&root)?;
     let fd = |f: &OwnedFd| format!("/proc/self/fd/{}", f.as_raw_fd());
@@ -1058,8 +1044,9 @@ mod tests {
             },
             ids: IdRange {
                 base: 1 << 30,
-                count: ID_RANGE,
+                count: crate::ids::ID_RANGE,
             },
+            lower_ids: crate::images::IMAGE_IDS,
             nofile: 4096,
             bwrap: "/usr/bin/bwrap".into(),
             max_sessions: 8,
@@ -1099,16 +1086,5 @@ mod tests {
             );
             assert!(!a.iter().any(|x| x == "--ro-bind-try"));
         }
-    }
-
-    #[test]
-    fn id_ranges_map_the_box_root_onto_their_base() {
-        let r = IdRange {
-            base: 0x7001_0000,
-            count: ID_RANGE,
-        };
-        assert_eq!(r.map_line(), "0 1879113728 65536\n");
-        assert!(r.contains(0x7001_0000) && r.contains(0x7001_ffff));
-        assert!(!r.contains(0x7002_0000) && !r.contains(0x7000_ffff));
     }
 }

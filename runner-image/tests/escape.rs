@@ -41,12 +41,13 @@ async fn box_cannot_read_host_files_outside_its_root() {
     assert_eq!(code, 0);
     assert!(r.box_dir(&id).join("upper/etc/box-file").exists());
     assert!(!r.state.join("images/default/rootfs/etc/box-file").exists());
-    // Root in the box is an unprivileged uid on the host.
+    // Root in the box is an unprivileged uid on the host: the first of the box's own range.
     use std::os::unix::fs::MetadataExt;
     let uid = std::fs::metadata(r.box_dir(&id).join("upper/etc/box-file"))
         .unwrap()
         .uid();
-    assert_eq!(uid, runner_image::config::DEFAULT_BOX_UID);
+    assert_eq!(uid, common::box_ids(&r, &id).base);
+    assert!(uid > runner_image::config::DEFAULT_BOX_UID);
     // No capabilities, no_new_privs, seccomp filters active.
     let (out, _) = r
         .sh(
@@ -661,5 +662,158 @@ async fn box_cannot_inject_input_into_the_runners_terminal() {
     unsafe {
         libc::close(master);
         libc::close(slave);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boxes_have_ids_of_their_own_and_own_no_image() {
+    let mut r = Runner::start(Options::default()).await;
+    let work = tempfile::tempdir().unwrap();
+    let probe = common::build_static(work.path(), "probe", common::PROBE_SOURCE);
+    let layout = work.path().join("probe.tar");
+    common::busybox_image_with(&layout, &[("probe", std::fs::read(&probe).unwrap(), 0o755)]);
+    r.import_image("probe", &layout).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let mut s = common::spec(uuid::Uuid::new_v4(), 128, false);
+        s.image = "probe".into();
+        ids.push(s.id);
+        r.try_create(s).await.unwrap();
+    }
+    let (a, b) = (ids[0], ids[1]);
+    // Each box maps a range of its own, and nothing else.
+    let (ra, rb) = (common::box_ids(&r, &a), common::box_ids(&r, &b));
+    assert_ne!(ra.base, rb.base);
+    assert!(ra.base.abs_diff(rb.base) >= 65536);
+    for (id, range) in [(a, ra), (b, rb)] {
+        let (out, _) = r.sh(id, "cat /proc/self/uid_map /proc/self/gid_map").await;
+        let want = format!("0 {} 65536", range.base);
+        let lines: Vec<String> = out
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        assert_eq!(lines, [want.clone(), want], "{out}");
+    }
+    // The image belongs to host root, not to any box; boxes see it as their root's.
+    use std::os::unix::fs::MetadataExt;
+    let rootfs = r.state.join("images/probe/rootfs");
+    for f in ["bin/busybox", "probe", "bin"] {
+        let m = std::fs::symlink_metadata(rootfs.join(f)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (0, 0), "{f}");
+    }
+    let (out, _) = r.sh(a, "ls -ln /bin/busybox /probe").await;
+    assert!(
+        out.lines()
+            .all(|l| l.split_whitespace().nth(2) == Some("0")),
+        "{out}"
+    );
+    // A box may write into what its image holds (copied up into its own layer).
+    let (out, code) = r
+        .sh(a, "mkdir -p /etc && echo x > /etc/mine && cat /etc/mine")
+        .await;
+    assert_eq!((out.trim(), code), ("x", 0));
+    // Kernel per-user limits are per box: A takes every inotify instance a
+    // user may have and holds them; B still gets its own.
+    let max: u32 = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_instances")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let (mut hog, _) = Ws::open(
+        &r,
+        a,
+        &ExecStart {
+            command: vec![
+                "/probe".into(),
+                "inotify".into(),
+                (max + 10).to_string(),
+                "30".into(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(hog.read_until("inotify=", Duration::from_secs(10)).await);
+    let text = String::from_utf8_lossy(&hog.stdout).into_owned();
+    assert!(
+        text.contains(&format!("inotify={max} ")),
+        "box A hit the per-user limit: {text}"
+    );
+    let (out, _) = r.sh(b, "/probe inotify 16").await;
+    assert!(
+        out.contains("inotify=16 ok"),
+        "box B lost its inotify instances to box A: {out}"
+    );
+    hog.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_box_from_before_id_ranges_moves_into_one_at_its_next_start() {
+    let mut r = Runner::start(Options::default()).await;
+    let id = r.create_box(128, false).await;
+    let (_, code) = r
+        .sh(
+            id,
+            "mkdir -p /data/d && echo kept > /data/d/f && ln -s /etc/passwd /data/l",
+        )
+        .await;
+    assert_eq!(code, 0);
+    r.admin(runner_image::admin::AdminRequest::Stop { id })
+        .await;
+    r.kill9();
+    // What an older runner left: no range in the record, every file owned by the single box uid.
+    let legacy = runner_image::config::DEFAULT_BOX_UID;
+    let rec_path = r.box_dir(&id).join("box.json");
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&rec_path).unwrap()).unwrap();
+    let old = common::box_ids(&r, &id);
+    rec.as_object_mut().unwrap().remove("ids");
+    std::fs::write(&rec_path, serde_json::to_vec(&rec).unwrap()).unwrap();
+    let upper = r.box_dir(&id).join("upper");
+    let chown_all = |root: &std::path::Path| {
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(p) = stack.pop() {
+            std::os::unix::fs::lchown(&p, Some(legacy), Some(legacy)).unwrap();
+            if p.symlink_metadata().unwrap().is_dir() {
+                stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            }
+        }
+    };
+    chown_all(&upper);
+    // And its image, as older runners stored them: owned by the box uid, no ids recorded.
+    let image = r.state.join("images/default");
+    chown_all(&image.join("rootfs"));
+    let mut info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(image.join("image.json")).unwrap()).unwrap();
+    info.as_object_mut().unwrap().remove("ids");
+    std::fs::write(image.join("image.json"), serde_json::to_vec(&info).unwrap()).unwrap();
+    runner_image::ids::IdPool::new(
+        legacy,
+        std::path::Path::new(runner_image::config::DEFAULT_ID_CLAIMS_DIR),
+    )
+    .release(old, &r.box_dir(&id));
+    r.spawn().await;
+    r.admin(runner_image::admin::AdminRequest::Start { id })
+        .await;
+    let new = common::box_ids(&r, &id);
+    assert!(new.base > legacy && new.count == 65536);
+    let (out, code) = r
+        .sh(id, "cat /data/d/f && echo more >> /data/d/f && ls -ln /data && ls -ln /bin/busybox && echo y > /etc/new")
+        .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("kept\n"), "{out}");
+    let busybox = out
+        .lines()
+        .find(|l| l.ends_with("/bin/busybox"))
+        .unwrap_or_default();
+    assert_eq!(
+        busybox.split_whitespace().nth(2),
+        Some("0"),
+        "the old image is the box root's: {out}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    for p in ["", "data", "data/d", "data/d/f", "data/l"] {
+        let m = std::fs::symlink_metadata(upper.join(p)).unwrap();
+        assert_eq!(m.uid(), new.base, "{p}");
     }
 }

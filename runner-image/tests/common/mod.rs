@@ -479,6 +479,13 @@ impl Drop for Internet {
     }
 }
 
+/// The id range recorded for box `id`.
+pub fn box_ids(r: &Runner, id: &Uuid) -> runner_image::ids::IdRange {
+    let rec: runner_image::boxes::BoxRecord =
+        serde_json::from_slice(&std::fs::read(r.box_dir(id).join("box.json")).unwrap()).unwrap();
+    rec.ids.expect("the box has an id range")
+}
+
 /// A box spec with the default image (`network`: egress when true, else none).
 pub fn spec(id: Uuid, memory_mib: u64, network: bool) -> BoxSpec {
     BoxSpec {
