@@ -110,6 +110,17 @@ struct Entry {
     address: Option<Ipv4Addr>,
 }
 
+/// Where a box's writable layer can be read from.
+#[derive(Clone, Debug)]
+pub enum UpperSource {
+    /// A running box's: through its shim's mount namespace.
+    Running(PathBuf),
+    /// A stopped box's disk image (to be mounted).
+    Disk(PathBuf),
+    /// A box from before disks: its directory.
+    Dir(PathBuf),
+}
+
 /// A box as the admin surface lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BoxSummary {
@@ -159,6 +170,14 @@ pub fn validate_spec(spec: &BoxSpec) -> Result<()> {
     if spec.resources.memory_mib > 1 << 30 || spec.resources.cpu_millicores > 1 << 30 {
         return Err(bad("resources out of range".into()));
     }
+    let disk = spec.resources.disk_mib;
+    if disk != 0 && !(crate::disk::MIN_MIB..=crate::disk::MAX_MIB).contains(&disk) {
+        return Err(bad(format!(
+            "disk_mib must be {} to {}",
+            crate::disk::MIN_MIB,
+            crate::disk::MAX_MIB
+        )));
+    }
     for (k, v) in &spec.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
             return Err(bad(format!("invalid environment variable {k:?}")));
@@ -189,6 +208,8 @@ impl Boxes {
         // Exports and imports a previous agent process did not finish.
         for e in std::fs::read_dir(layout.tmp())?.flatten() {
             let _ = std::fs::remove_file(e.path());
+            // A disk mount point of a thread that died with the process.
+            let _ = std::fs::remove_dir(e.path());
         }
         Ok(Boxes {
             images: ImageStore::new(&config.image_dir, config.box_uid),
@@ -362,6 +383,21 @@ impl Boxes {
             .into());
         }
         Ok(crate::shim::socket_path(&self.box_dir(id)))
+    }
+
+    /// Where box `id`'s writable layer can be read from now.
+    pub fn upper_source(&self, id: &Uuid) -> Option<UpperSource> {
+        let e = self.entries.lock().unwrap();
+        let e = e.get(id)?;
+        let dir = self.box_dir(id);
+        let image = crate::disk::image_path(&dir);
+        Some(match (&e.shim, image.exists()) {
+            (Some(s), true) if e.state == BoxState::Running => {
+                UpperSource::Running(crate::disk::running_upper(s.shim_pid))
+            }
+            (_, true) => UpperSource::Disk(image),
+            (_, false) => UpperSource::Dir(dir.join("upper")),
+        })
     }
 
     /// Box directory (for export/import).
@@ -549,14 +585,13 @@ impl Boxes {
         let res = (|| -> Result<()> {
             std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-            for sub in ["upper", "work"] {
-                std::fs::create_dir(dir.join(sub))?;
-            }
             let ids = self.pool.claim(&dir, &id)?;
             record.ids = Some(ids);
-            // Root of the box owns its writable layer.
-            std::os::unix::fs::chown(dir.join("upper"), Some(ids.base), Some(ids.base))?;
-            std::fs::set_permissions(dir.join("upper"), std::fs::Permissions::from_mode(0o755))?;
+            crate::disk::create(
+                &self.layout.disk_templates(),
+                &crate::disk::image_path(&dir),
+                self.disk_mib(&spec),
+            )?;
             if let Some(e) = self.entries.lock().unwrap().get_mut(&id) {
                 e.record.ids = Some(ids);
             }
@@ -575,6 +610,15 @@ impl Boxes {
         }
         drop(guard);
         self.start(&id).await
+    }
+
+    /// The size of a box's disk, MiB.
+    pub fn disk_mib(&self, spec: &BoxSpec) -> u64 {
+        if spec.resources.disk_mib == 0 {
+            self.config.default_disk_mib
+        } else {
+            spec.resources.disk_mib
+        }
     }
 
     fn limits(&self, spec: &BoxSpec) -> Limits {
@@ -698,27 +742,97 @@ impl Boxes {
         }
     }
 
-    /// The box's id range, claimed (again) for it: a box from before ranges,
-    /// or whose range another box took meanwhile, gets a new one and its
-    /// writable layer's files move into it. Saved in the record.
-    fn ensure_ids(&self, id: &Uuid, record: &mut BoxRecord) -> Result<IdRange> {
+    /// The box's id range and disk, made right before it starts: a box whose
+    /// range another box took meanwhile, or from before ranges, gets a new
+    /// range and its files move into it; a box from before disks gets one,
+    /// its writable directory copied onto it (ids shifted on the way).
+    /// Saved in the record.
+    fn ensure_ids_and_disk(&self, id: &Uuid, record: &mut BoxRecord) -> Result<IdRange> {
         let dir = self.box_dir(id);
-        if let Some(r) = record.ids
-            && self.pool.confirm(r, &dir)?
-        {
-            return Ok(r);
-        }
+        let image = crate::disk::image_path(&dir);
         let old = self.ids_of(record);
-        let new = self.pool.claim(&dir, id)?;
-        let n = crate::ids::shift_tree(&dir.join("upper"), old, new)
-            .context("moving the box's files into its id range")?;
-        tracing::info!(%id, from = old.base, to = new.base, entries = n, "box moved to an id range of its own");
-        record.ids = Some(new);
-        self.save(id, record)?;
-        if let Some(e) = self.entries.lock().unwrap().get_mut(id) {
-            e.record.ids = Some(new);
+        let kept = match record.ids {
+            Some(r) => self.pool.confirm(r, &dir)?,
+            None => false,
+        };
+        let ids = if kept {
+            old
+        } else {
+            self.pool.claim(&dir, id)?
+        };
+        if image.exists() {
+            if ids != old {
+                let n = crate::disk::with_mounted(&image, &self.layout.tmp(), false, move |m| {
+                    crate::ids::shift_tree(&m.join("upper"), old, ids)
+                })
+                .context("moving the box's files into its id range")?;
+                tracing::info!(%id, from = old.base, to = ids.base, entries = n, "box moved to an id range of its own");
+            }
+        } else {
+            self.migrate_to_disk(&dir, old, ids, self.disk_mib(&record.spec))
+                .context("moving the box's files onto a disk of its own")?;
         }
-        Ok(new)
+        if record.ids != Some(ids) {
+            record.ids = Some(ids);
+            self.save(id, record)?;
+            if let Some(e) = self.entries.lock().unwrap().get_mut(id) {
+                e.record.ids = Some(ids);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Give a box from before disks one: its `upper/` directory (owned by
+    /// `old`) is archived and restored onto a new disk in range `ids`, then
+    /// removed. Interrupted, it starts over (the disk is made anew).
+    fn migrate_to_disk(&self, dir: &Path, old: IdRange, ids: IdRange, mib: u64) -> Result<()> {
+        let image = crate::disk::image_path(dir);
+        let partial = dir.join("disk.img.partial");
+        let _ = std::fs::remove_file(&partial);
+        crate::disk::create(&self.layout.disk_templates(), &partial, mib)?;
+        let upper = dir.join("upper");
+        let scratch = self.layout.tmp();
+        let archive = scratch.join(format!("migrate-{:08x}.tar", rand::random::<u32>()));
+        let res = (|| -> Result<()> {
+            if upper.is_dir() {
+                let f = std::fs::File::create(&archive)?;
+                let mut b = tar::Builder::new(std::io::BufWriter::new(f));
+                crate::layers::write_upper(&mut b, &upper, "upper", old.base)?;
+                std::io::Write::flush(&mut b.into_inner()?)?;
+            }
+            let a = archive.clone();
+            let has_archive = upper.is_dir();
+            crate::disk::with_mounted(&partial, &scratch, false, move |m| {
+                let _ = std::fs::remove_dir_all(m.join("lost+found"));
+                if has_archive {
+                    let root = crate::disk::open_root(m)?;
+                    crate::layers::apply_at(
+                        std::io::BufReader::new(std::fs::File::open(&a)?),
+                        &root,
+                        &crate::layers::ApplyOptions {
+                            whiteouts: crate::layers::WhiteoutMode::Overlay,
+                            ids,
+                            max_bytes: u64::MAX,
+                            max_entries: u64::MAX,
+                        },
+                    )?;
+                }
+                crate::disk::prepare_layers(m, ids.base)?;
+                Ok(())
+            })?;
+            std::fs::rename(&partial, &image)?;
+            Ok(())
+        })();
+        let _ = std::fs::remove_file(&archive);
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+        for d in ["upper", "work"] {
+            let _ = std::fs::remove_dir_all(dir.join(d));
+        }
+        tracing::info!(dir = %dir.display(), "box moved onto a disk of its own");
+        Ok(())
     }
 
     async fn launch_shim(
@@ -727,7 +841,7 @@ impl Boxes {
         record: &mut BoxRecord,
         egress: Option<EgressLaunch>,
     ) -> Result<ShimInfo> {
-        let ids = self.ensure_ids(id, record)?;
+        let ids = self.ensure_ids_and_disk(id, record)?;
         let spec = &record.spec;
         let image = self.images.get(&spec.image).ok_or_else(|| {
             BoxError::new(
@@ -744,8 +858,7 @@ impl Boxes {
         let launch = BoxLaunch {
             id: *id,
             lower: self.images.rootfs(&spec.image),
-            upper: dir.join("upper"),
-            work: dir.join("work"),
+            disk: crate::disk::image_path(&dir),
             egress: egress.clone(),
             hostname: format!("box-{}", &id.simple().to_string()[..12]),
             env,
@@ -762,13 +875,6 @@ impl Boxes {
             &serde_json::to_vec_pretty(&launch)?,
             0o600,
         )?;
-        // overlayfs refuses a work directory left from an unclean stop.
-        let work = dir.join("work");
-        let fresh = std::fs::read_dir(&work).is_ok_and(|mut d| d.next().is_none());
-        if !fresh {
-            let _ = std::fs::remove_dir_all(&work);
-            std::fs::create_dir_all(&work)?;
-        }
         let exe = if self.exe.exists() {
             self.exe.clone()
         } else {
@@ -967,9 +1073,15 @@ impl Boxes {
                 .collect()
         };
         for (id, upper) in stale {
-            let bytes = tokio::task::spawn_blocking(move || du(&upper, 0))
-                .await
-                .unwrap_or(0);
+            // A box's disk image: its allocated blocks are what it takes of
+            // the host. A box from before disks: walk its directory.
+            let image = crate::disk::image_path(upper.parent().unwrap_or(&upper));
+            let bytes = match crate::disk::usage_bytes(&image) {
+                Some(b) => b,
+                None => tokio::task::spawn_blocking(move || du(&upper, 0))
+                    .await
+                    .unwrap_or(0),
+            };
             if let Some(e) = self.entries.lock().unwrap().get_mut(&id) {
                 e.disk = Some((Instant::now(), bytes));
             }

@@ -364,6 +364,11 @@ impl Layout {
         self.boxes().join(id.to_string())
     }
 
+    /// Box disk templates, one per size (see [`crate::disk`]).
+    pub fn disk_templates(&self) -> PathBuf {
+        self.root.join("disk-templates")
+    }
+
     /// Scratch space for exports and imports (same filesystem as the boxes).
     pub fn tmp(&self) -> PathBuf {
         self.root.join("tmp")

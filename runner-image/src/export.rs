@@ -2,14 +2,18 @@
 //! under the same box id — on this runner or any other.
 //!
 //! Format (`.tar.gz`): first entry `boxlite-export.json` ([`ExportMeta`]),
-//! then the overlay upper directory under `upper/` with OCI whiteouts and
-//! ownership relative to the box uid. The SHA-256 of the whole archive is
+//! then the overlay upper directory under `upper/` with OCI whiteouts,
+//! ownership relative to the box's id range, and files with holes as GNU
+//! sparse entries (holes are neither read nor carried; import writes zero
+//! runs as holes again). The SHA-256 of the whole archive is
 //! computed while it is written; import hashes the body while storing it and
 //! refuses a mismatch before touching anything. A running box is frozen
 //! (cgroup freezer) while its layer is read, so the archive is consistent.
 //!
-//! Restoring never follows a symlink: the staging directory is created and
-//! opened with `O_NOFOLLOW`, the layer is applied relative to that descriptor
+//! Import restores onto a new disk of the box's size (see [`crate::disk`]),
+//! after refusing an archive whose declared content exceeds it. Restoring
+//! never follows a symlink: the staging directory is created and opened
+//! with `O_NOFOLLOW`, the layer is applied relative to the disk's root descriptor
 //! (see [`crate::layers`]), the top of the archive may hold only the metadata
 //! file and an `upper` *directory* (a symlinked `upper` would otherwise become
 //! the box's writable layer wherever it points), and ownership is set with
@@ -31,7 +35,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
-use crate::boxes::{BoxError, BoxRecord, Boxes, Desired};
+use crate::boxes::{BoxError, BoxRecord, Boxes, Desired, UpperSource};
 use crate::ids::IdRange;
 use crate::layers::{self, ApplyOptions, WhiteoutMode};
 use crate::sys;
@@ -124,8 +128,11 @@ pub async fn export(boxes: &Boxes, id: &Uuid) -> Result<Export> {
         exported_at: now_rfc3339(),
         source_runner: boxes.config().name.clone(),
     };
-    let upper = boxes.dir_of(id).join("upper");
+    let source = boxes
+        .upper_source(id)
+        .ok_or_else(|| anyhow::Error::from(BoxError::new("not_found", format!("no box {id}"))))?;
     let owner = boxes.ids_of(&record).base;
+    let scratch = boxes.config().layout().tmp();
     let path = boxes
         .config()
         .layout()
@@ -158,7 +165,18 @@ pub async fn export(boxes: &Boxes, id: &Uuid) -> Result<Export> {
         h.set_mode(0o600);
         h.set_size(json.len() as u64);
         b.append_data(&mut h, META_ENTRY, &json[..])?;
-        layers::write_upper(&mut b, &upper, "upper", owner)?;
+        let b = match source {
+            UpperSource::Running(upper) | UpperSource::Dir(upper) => {
+                layers::write_upper(&mut b, &upper, "upper", owner)?;
+                b
+            }
+            UpperSource::Disk(image) => {
+                crate::disk::with_mounted(&image, &scratch, true, move |m| {
+                    layers::write_upper(&mut b, &m.join("upper"), "upper", owner)?;
+                    Ok(b)
+                })?
+            }
+        };
         let gz = b.into_inner()?;
         let mut w = gz.finish()?;
         w.flush()?;
@@ -242,10 +260,16 @@ where
     let id2 = *id;
     let tmp2 = tmp.clone();
     let st2 = staging.clone();
-    let res = tokio::task::spawn_blocking(move || restore(&tmp2, &st2, &id2, ids, &images))
-        .await
-        .map_err(|e| anyhow!("{e}"))
-        .and_then(|r| r);
+    let target = RestoreTarget {
+        templates: boxes.config().layout().disk_templates(),
+        scratch: boxes.config().layout().tmp(),
+        default_disk_mib: boxes.config().default_disk_mib,
+    };
+    let res =
+        tokio::task::spawn_blocking(move || restore(&tmp2, &st2, &id2, ids, &images, &target))
+            .await
+            .map_err(|e| anyhow!("{e}"))
+            .and_then(|r| r);
     let record = match res {
         Ok(r) => r,
         Err(e) => {
@@ -275,6 +299,104 @@ where
         usage: Resources::default(),
         error: None,
     })
+}
+
+/// Unpack `archive` onto the root `root` of a box's new disk: only the
+/// metadata (removed after) and an `upper` directory may come out of it, and
+/// `upper` ends up owned by the box's root. `Err` says why the archive is
+/// refused.
+fn unpack_layer(
+    archive: &Path,
+    root: &OwnedFd,
+    ids: IdRange,
+    disk_mib: u64,
+) -> std::result::Result<(), String> {
+    let a = flate2::read::GzDecoder::new(std::fs::File::open(archive).map_err(|e| e.to_string())?);
+    layers::apply_at(
+        a,
+        root,
+        &ApplyOptions {
+            whiteouts: WhiteoutMode::Overlay,
+            ids,
+            max_bytes: MAX_ARCHIVE * 4,
+            max_entries: 10_000_000,
+        },
+    )
+    .map_err(|e| {
+        if e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
+        }) {
+            format!("the archive does not fit the box's {disk_mib} MiB disk; nothing was imported")
+        } else {
+            format!("{e:#}")
+        }
+    })?;
+    // Nothing but the metadata (a file) and the layer (a directory) may come
+    // out of an archive: a symlinked `upper` would become the box's writable
+    // layer wherever it points (the host's /etc, every box's image).
+    for name in sys::list_dir(root).map_err(|e| e.to_string())? {
+        let kind = fstatat(root, name.as_slice(), AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT)
+            .map_err(|e| e.to_string())?;
+        match name.as_slice() {
+            n if n == META_ENTRY.as_bytes() && kind == SFlag::S_IFREG => {}
+            b"upper" if kind == SFlag::S_IFDIR => {}
+            b"upper" => {
+                return Err(format!(
+                    "`upper` in the archive is {}, not a directory; nothing was imported",
+                    kind_name(kind)
+                ));
+            }
+            n => {
+                return Err(format!(
+                    "unexpected {} {:?} at the top of the archive",
+                    kind_name(kind),
+                    String::from_utf8_lossy(n)
+                ));
+            }
+        }
+    }
+    let _ = unlinkat(root, META_ENTRY, UnlinkatFlags::NoRemoveDir);
+    let upper = match open_dir_at(root, "upper") {
+        Err(Errno::ENOENT) => {
+            mkdirat(root, "upper", Mode::from_bits_truncate(0o755)).map_err(|e| e.to_string())?;
+            open_dir_at(root, "upper")
+        }
+        r => r,
+    }
+    .map_err(|e| format!("`upper` in the archive is not a directory ({e})"))?;
+    // The descriptor, never the path: chown on a path follows a symlink.
+    fchown(
+        &upper,
+        Some(Uid::from_raw(ids.base)),
+        Some(Gid::from_raw(ids.base)),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Bytes of file content the entries of `archive` declare (holes of sparse
+/// entries not counted).
+fn content_bytes(archive: &Path) -> Result<u64> {
+    let mut a = tar::Archive::new(flate2::read::GzDecoder::new(std::fs::File::open(archive)?));
+    let mut total: u64 = 0;
+    for e in a.entries()? {
+        // The header's size: what the archive carries (a sparse entry's data
+        // only), not the length its holes make.
+        total = total.saturating_add(e?.header().entry_size()?);
+    }
+    Ok(total)
+}
+
+/// Where restored boxes' disks come from.
+pub struct RestoreTarget {
+    /// Disk templates.
+    pub templates: PathBuf,
+    /// Scratch directory for mount points.
+    pub scratch: PathBuf,
+    /// Disk size of a box whose spec says 0, MiB.
+    pub default_disk_mib: u64,
 }
 
 /// Create the staging directory `staging` (mode 0700) and open it without following symlinks.
@@ -337,6 +459,7 @@ fn restore(
     id: &Uuid,
     ids: IdRange,
     images: &crate::images::ImageStore,
+    target: &RestoreTarget,
 ) -> Result<BoxRecord> {
     let invalid = |m: String| -> anyhow::Error { BoxError::new("bad_request", m).into() };
     // Pass 1: the metadata entry comes first.
@@ -380,62 +503,36 @@ fn restore(
     if !meta.image_digest.is_empty() && image.digest != meta.image_digest {
         tracing::warn!(%id, "image {:?} differs from the exporting runner's ({} vs {})", meta.spec.image, image.digest, meta.image_digest);
     }
-    // Pass 2: everything, into the staging directory. From here on every
-    // path is opened relative to a directory descriptor and never through a
-    // symlink: the archive decides what exists in there.
+    // The box's disk: what the archive holds must fit in it (checked on the
+    // headers first, so a small archive of a huge file is refused before
+    // anything is written; the disk's own size holds whatever else).
+    let disk_mib = if meta.spec.resources.disk_mib == 0 {
+        target.default_disk_mib
+    } else {
+        meta.spec.resources.disk_mib
+    };
+    let held = content_bytes(archive).map_err(|e| invalid(format!("not a box archive: {e:#}")))?;
+    if held > disk_mib << 20 {
+        return Err(invalid(format!(
+            "the archive holds {} MiB of file content, more than the box's {disk_mib} MiB disk; nothing was imported",
+            held.div_ceil(1 << 20)
+        )));
+    }
+    // Pass 2: everything, onto a new disk in the staging directory. From
+    // here on every path is opened relative to a directory descriptor and
+    // never through a symlink: the archive decides what exists in there.
     let sfd = create_staging(staging)?;
-    let a = flate2::read::GzDecoder::new(std::fs::File::open(archive)?);
-    layers::apply_at(
-        a,
-        &sfd,
-        &ApplyOptions {
-            whiteouts: WhiteoutMode::Overlay,
-            ids,
-            max_bytes: MAX_ARCHIVE * 4,
-            max_entries: 10_000_000,
-        },
-    )
-    .map_err(|e| invalid(format!("{e:#}")))?;
-    // Nothing but the metadata (a file) and the layer (a directory) may come
-    // out of an archive: a symlinked `upper` would become the box's writable
-    // layer wherever it points (the host's /etc, every box's image).
-    for name in sys::list_dir(&sfd)? {
-        let kind = fstatat(&sfd, name.as_slice(), AtFlags::AT_SYMLINK_NOFOLLOW)
-            .map(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT)?;
-        match name.as_slice() {
-            n if n == META_ENTRY.as_bytes() && kind == SFlag::S_IFREG => {}
-            b"upper" if kind == SFlag::S_IFDIR => {}
-            b"upper" => {
-                return Err(invalid(format!(
-                    "`upper` in the archive is {}, not a directory; nothing was imported",
-                    kind_name(kind)
-                )));
-            }
-            n => {
-                return Err(invalid(format!(
-                    "unexpected {} {:?} at the top of the archive",
-                    kind_name(kind),
-                    String::from_utf8_lossy(n)
-                )));
-            }
-        }
+    let image_path = staging.join(crate::disk::IMAGE);
+    crate::disk::create(&target.templates, &image_path, disk_mib)?;
+    let a = archive.to_path_buf();
+    let refused = crate::disk::with_mounted(&image_path, &target.scratch, false, move |m| {
+        let _ = std::fs::remove_dir(m.join("lost+found"));
+        let root = crate::disk::open_root(m)?;
+        Ok(unpack_layer(&a, &root, ids, disk_mib))
+    })?;
+    if let Err(why) = refused {
+        return Err(invalid(why));
     }
-    let _ = unlinkat(&sfd, META_ENTRY, UnlinkatFlags::NoRemoveDir);
-    let upper = match open_dir_at(&sfd, "upper") {
-        Err(Errno::ENOENT) => {
-            mkdirat(&sfd, "upper", Mode::from_bits_truncate(0o755))?;
-            open_dir_at(&sfd, "upper")
-        }
-        r => r,
-    }
-    .map_err(|e| invalid(format!("`upper` in the archive is not a directory ({e})")))?;
-    // The descriptor, never the path: chown on a path follows a symlink.
-    fchown(
-        &upper,
-        Some(Uid::from_raw(ids.base)),
-        Some(Gid::from_raw(ids.base)),
-    )?;
-    mkdirat(&sfd, "work", Mode::from_bits_truncate(0o700))?;
     let record = BoxRecord {
         spec: meta.spec,
         created_at: meta.created_at,

@@ -356,7 +356,7 @@ pub fn apply_at(reader: impl Read, rootfd: &OwnedFd, opts: &ApplyOptions) -> Res
                     return Err(io_err("create", &full));
                 }
                 let mut f = std::fs::File::from(owned(ffd));
-                let n = std::io::copy(&mut (&mut entry).take(opts.max_bytes), &mut f)
+                let n = crate::disk::copy_keeping_holes((&mut entry).take(opts.max_bytes), &mut f)
                     .with_context(|| format!("writing {:?}", String::from_utf8_lossy(&full)))?;
                 stats.bytes += n;
                 // SAFETY: valid descriptor. chown first: it would clear set-id bits anyway.
@@ -454,6 +454,114 @@ fn set_mtime(dir: RawFd, name: &CStr, mtime: i64) {
     ];
     // SAFETY: valid descriptor, C string and two timespecs.
     unsafe { libc::utimensat(dir, name.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+}
+
+/// The data extents (offset, length) of `f`, which is `len` bytes long;
+/// `None` when the filesystem cannot tell holes.
+fn data_extents(f: &std::fs::File, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
+    let end = len as i64;
+    while pos < end {
+        // SAFETY: lseek on our descriptor.
+        let data = unsafe { libc::lseek(f.as_raw_fd(), pos, libc::SEEK_DATA) };
+        if data < 0 {
+            match sys::errno() {
+                libc::ENXIO => break,
+                libc::EINVAL => return Ok(None),
+                _ => return Err(std::io::Error::last_os_error().into()),
+            }
+        }
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let hole = hole.min(end);
+        out.push((data as u64, (hole - data) as u64));
+        pos = hole;
+    }
+    // The map ends at the file's end: a trailing hole is an empty extent there.
+    if out.last().is_none_or(|(o, l)| o + l < len) {
+        out.push((len, 0));
+    }
+    Ok(Some(out))
+}
+
+/// Append `f` (`len` bytes, data in `extents`) as an old-GNU sparse entry;
+/// the bytes of data written.
+fn append_sparse<W: Write>(
+    b: &mut tar::Builder<W>,
+    h: &mut tar::Header,
+    path: &str,
+    f: std::fs::File,
+    len: u64,
+    extents: &[(u64, u64)],
+) -> Result<u64> {
+    let on_disk: u64 = extents.iter().map(|(_, l)| l).sum();
+    h.set_entry_type(tar::EntryType::GNUSparse);
+    h.set_size(on_disk);
+    let gnu = h.as_gnu_mut().ok_or_else(|| anyhow!("not a GNU header"))?;
+    gnu.set_real_size(len);
+    for (slot, (o, l)) in gnu.sparse.iter_mut().zip(extents) {
+        slot.set_offset(*o);
+        slot.set_length(*l);
+    }
+    gnu.set_is_extended(extents.len() > gnu.sparse.len());
+    // The extended sparse headers come right after the header, then the data.
+    let mut ext = Vec::new();
+    let mut rest = extents.iter().skip(4).peekable();
+    while rest.peek().is_some() {
+        let mut e = tar::GnuExtSparseHeader::new();
+        for slot in e.sparse.iter_mut() {
+            match rest.next() {
+                Some((o, l)) => {
+                    slot.set_offset(*o);
+                    slot.set_length(*l);
+                }
+                None => break,
+            }
+        }
+        e.set_is_extended(rest.peek().is_some());
+        ext.extend_from_slice(e.as_bytes());
+    }
+    // Read exactly what the map announced, even if the file changes meanwhile.
+    let segments = extents
+        .iter()
+        .filter(|(_, l)| *l > 0)
+        .map(|&(o, l)| -> Box<dyn Read> {
+            match f.try_clone() {
+                Ok(c) => Box::new(
+                    std::io::Read::take(PositionedReader { f: c, pos: o }, l)
+                        .chain(std::io::repeat(0).take(l))
+                        .take(l),
+                ),
+                Err(_) => Box::new(std::io::repeat(0).take(l)),
+            }
+        })
+        .fold(Box::new(std::io::empty()) as Box<dyn Read>, |acc, r| {
+            Box::new(acc.chain(r))
+        });
+    b.append_data(h, path, std::io::Cursor::new(ext).chain(segments))?;
+    Ok(on_disk)
+}
+
+/// Reads a file from an offset of its own (pread), so clones do not share a position.
+struct PositionedReader {
+    f: std::fs::File,
+    pos: u64,
+}
+
+impl Read for PositionedReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.f.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
 }
 
 /// Counts from [`write_upper`].
@@ -622,6 +730,15 @@ fn walk<W: Write>(
                         continue;
                     }
                     links.insert(key, child.clone());
+                }
+                // A file with holes goes as a GNU sparse entry: its holes
+                // are neither read nor written (nor inflated on import).
+                if meta.blocks() * 512 < meta.len()
+                    && let Some(extents) = data_extents(&f, meta.len())?
+                {
+                    stats.bytes += append_sparse(b, &mut h, &child, f, meta.len(), &extents)?;
+                    stats.entries += 1;
+                    continue;
                 }
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_size(meta.len());

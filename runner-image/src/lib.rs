@@ -9,6 +9,7 @@
 //!   the box's PID 1, entering a running box;
 //! - [`shim`], [`ipc`]: the per-box process that owns a box and its exec
 //!   sessions and outlives the agent, and the protocol to talk to it;
+//! - [`disk`]: every box's writable layer on a filesystem of its own, sized by its quota;
 //! - [`ids`]: every box's own host uid/gid range, claimed host-wide, and idmapped images;
 //! - [`network`]: every box's network namespace, egress through NAT with a deny list, the one way in;
 //! - [`boxes`]: lifecycle, persistence and re-adoption;
@@ -28,6 +29,7 @@ pub mod api;
 pub mod boxes;
 pub mod cgroups;
 pub mod config;
+pub mod disk;
 pub mod exec;
 pub mod export;
 pub mod health;

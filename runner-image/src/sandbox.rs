@@ -85,10 +85,8 @@ pub struct BoxLaunch {
     pub id: uuid::Uuid,
     /// Image root filesystem (overlay lower layer).
     pub lower: PathBuf,
-    /// The box's writable layer.
-    pub upper: PathBuf,
-    /// Overlayfs work directory (same filesystem as `upper`).
-    pub work: PathBuf,
+    /// The box's disk image, holding its writable layer (see [`crate::disk`]).
+    pub disk: PathBuf,
     /// The egress interface of the box; `None`: loopback only.
     pub egress: Option<EgressLaunch>,
     /// Host name inside the box.
@@ -133,11 +131,13 @@ pub fn enter_private_mount_ns() -> Result<()> {
 /// empty directory: each shim mounts its own private tmpfs over it.
 pub const SANDBOX_MOUNT_BASE: &str = "/run/boxlite";
 
-/// Mount the box's overlay root (in the current, private mount namespace)
-/// and return where it is. The layers are opened first (never through a
-/// symlink: a box directory whose `upper` is a link is refused) and named
-/// to overlayfs by descriptor, so the mount options the box can read in its
-/// `/proc/self/mountinfo` are `/proc/self/fd/N`, not host paths.
+/// Mount the box's root (in the current, private mount namespace) and
+/// return where it is: the image, idmapped into the box's id range, below
+/// the box's own disk (`upper/` and `work/` on it) in an overlay. The
+/// layers are opened first, never through a symlink, and named to
+/// overlayfs by descriptor, so the mount options the box can read in its
+/// `/proc/self/mountinfo` are `/proc/self/fd/N`, not host paths. The disk
+/// stays locked by this process for its life.
 pub fn mount_overlay(l: &BoxLaunch) -> Result<PathBuf> {
     let open = |p: &Path| -> Result<OwnedFd> {
         let c = sys::cpath(p)?;
@@ -172,7 +172,13 @@ pub fn mount_overlay(l: &BoxLaunch) -> Result<PathBuf> {
     let userns = crate::ids::idmap_userns(&crate::ids::idmap_line(l.lower_ids, l.ids))?;
     crate::ids::mount_idmapped(&l.lower, &lower, &userns)?;
     drop(userns);
-    let layers = [open(&lower)?, open(&l.upper)?, open(&l.work)?];
+    // The box's disk.
+    let disk = base.join("disk");
+    std::fs::create_dir(&disk)?;
+    let mounted = crate::disk::mount(&l.disk, &disk, false)?;
+    let (upper, work) = crate::disk::prepare_layers(&disk, l.ids.base)?;
+    crate::disk::leak(mounted);
+    let layers = [open(&lower)?, open(&upper)?, open(&work)?];
     let root = base.join("root");
     std::fs::create_dir(&root)?;
     let fd = |f: &OwnedFd| format!("/proc/self/fd/{}", f.as_raw_fd());
@@ -1026,8 +1032,7 @@ mod tests {
         BoxLaunch {
             id: uuid::Uuid::nil(),
             lower: "/l".into(),
-            upper: "/u".into(),
-            work: "/w".into(),
+            disk: "/d/disk.img".into(),
             egress: egress.then(|| EgressLaunch {
                 address: "10.224.0.2".parse().unwrap(),
                 gateway: "10.224.0.1".parse().unwrap(),

@@ -39,13 +39,12 @@ async fn box_cannot_read_host_files_outside_its_root() {
         .sh(id, "echo mine > /etc/box-file && echo x > /tmp/t")
         .await;
     assert_eq!(code, 0);
-    assert!(r.box_dir(&id).join("upper/etc/box-file").exists());
+    let upper = r.upper(&id).await;
+    assert!(upper.join("etc/box-file").exists());
     assert!(!r.state.join("images/default/rootfs/etc/box-file").exists());
     // Root in the box is an unprivileged uid on the host: the first of the box's own range.
     use std::os::unix::fs::MetadataExt;
-    let uid = std::fs::metadata(r.box_dir(&id).join("upper/etc/box-file"))
-        .unwrap()
-        .uid();
+    let uid = std::fs::metadata(upper.join("etc/box-file")).unwrap().uid();
     assert_eq!(uid, common::box_ids(&r, &id).base);
     assert!(uid > runner_image::config::DEFAULT_BOX_UID);
     // No capabilities, no_new_privs, seccomp filters active.
@@ -748,28 +747,28 @@ async fn boxes_have_ids_of_their_own_and_own_no_image() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_box_from_before_id_ranges_moves_into_one_at_its_next_start() {
+async fn a_box_from_before_ranges_and_disks_moves_onto_them_at_its_next_start() {
     let mut r = Runner::start(Options::default()).await;
     let id = r.create_box(128, false).await;
-    let (_, code) = r
-        .sh(
-            id,
-            "mkdir -p /data/d && echo kept > /data/d/f && ln -s /etc/passwd /data/l",
-        )
-        .await;
-    assert_eq!(code, 0);
     r.admin(runner_image::admin::AdminRequest::Stop { id })
         .await;
     r.kill9();
-    // What an older runner left: no range in the record, every file owned by the single box uid.
+    // What an older runner left: no range in the record, no disk, its
+    // writable layer a directory owned by the single box uid.
     let legacy = runner_image::config::DEFAULT_BOX_UID;
-    let rec_path = r.box_dir(&id).join("box.json");
+    let dir = r.box_dir(&id);
+    let rec_path = dir.join("box.json");
     let mut rec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&rec_path).unwrap()).unwrap();
     let old = common::box_ids(&r, &id);
     rec.as_object_mut().unwrap().remove("ids");
     std::fs::write(&rec_path, serde_json::to_vec(&rec).unwrap()).unwrap();
-    let upper = r.box_dir(&id).join("upper");
+    std::fs::remove_file(dir.join("disk.img")).unwrap();
+    let upper = dir.join("upper");
+    std::fs::create_dir_all(upper.join("data/d")).unwrap();
+    std::fs::create_dir_all(dir.join("work/work")).unwrap();
+    std::fs::write(upper.join("data/d/f"), "kept\n").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", upper.join("data/l")).unwrap();
     let chown_all = |root: &std::path::Path| {
         let mut stack = vec![root.to_path_buf()];
         while let Some(p) = stack.pop() {
@@ -791,12 +790,13 @@ async fn a_box_from_before_id_ranges_moves_into_one_at_its_next_start() {
         legacy,
         std::path::Path::new(runner_image::config::DEFAULT_ID_CLAIMS_DIR),
     )
-    .release(old, &r.box_dir(&id));
+    .release(old, &dir);
     r.spawn().await;
     r.admin(runner_image::admin::AdminRequest::Start { id })
         .await;
     let new = common::box_ids(&r, &id);
     assert!(new.base > legacy && new.count == 65536);
+    assert!(dir.join("disk.img").is_file() && !upper.exists() && !dir.join("work").exists());
     let (out, code) = r
         .sh(id, "cat /data/d/f && echo more >> /data/d/f && ls -ln /data && ls -ln /bin/busybox && echo y > /etc/new")
         .await;
@@ -812,8 +812,46 @@ async fn a_box_from_before_id_ranges_moves_into_one_at_its_next_start() {
         "the old image is the box root's: {out}"
     );
     use std::os::unix::fs::MetadataExt;
-    for p in ["", "data", "data/d", "data/d/f", "data/l"] {
+    let upper = r.upper(&id).await;
+    for p in ["", "data", "data/d", "data/d/f", "data/l", "etc/new"] {
         let m = std::fs::symlink_metadata(upper.join(p)).unwrap();
         assert_eq!(m.uid(), new.base, "{p}");
     }
+    assert_eq!(
+        std::fs::read_link(upper.join("data/l")).unwrap(),
+        std::path::Path::new("/etc/passwd")
+    );
+}
+
+/// Finding 3: a box cannot write past its disk: it gets ENOSPC, and its disk
+/// takes no more of the host than its size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_box_cannot_write_past_its_disk() {
+    let r = Runner::start(Options::default()).await;
+    let mut spec = common::spec(uuid::Uuid::new_v4(), 128, false);
+    spec.resources.disk_mib = 64;
+    let id = spec.id;
+    r.try_create(spec).await.unwrap();
+    let (out, _) = r
+        .sh(
+            id,
+            "dd if=/dev/zero of=/fill bs=1M count=200 2>&1; echo rc=$?; df -k / | tail -1",
+        )
+        .await;
+    assert!(out.contains("No space left on device"), "{out}");
+    assert!(!out.contains("rc=0"), "{out}");
+    let image = runner_image::disk::image_path(&r.box_dir(&id));
+    let used = runner_image::disk::usage_bytes(&image).unwrap();
+    assert!(used <= 65 << 20, "the disk took {used} bytes of the host");
+    // The box goes on working once it frees space.
+    let (out, code) = r.sh(id, "rm /fill && echo ok > /after && cat /after").await;
+    assert_eq!((out.trim(), code), ("ok", 0));
+    // The box's mounts name no host path.
+    let (out, _) = r.sh(id, "cat /proc/self/mountinfo").await;
+    let state = r.state.display().to_string();
+    assert!(
+        !out.contains(&state) && !out.contains("/boxes/") && !out.contains("disk.img"),
+        "{out}"
+    );
+    assert!(out.contains("upperdir=/proc/self/fd/"), "{out}");
 }

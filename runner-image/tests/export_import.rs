@@ -164,11 +164,20 @@ fn archive_with(
     id: uuid::Uuid,
     entries: impl FnOnce(&mut tar::Builder<flate2::write::GzEncoder<Vec<u8>>>),
 ) -> (Vec<u8>, String) {
+    archive_of(common::spec(id, 128, false), entries)
+}
+
+/// A box archive of `spec` with a valid metadata entry, then whatever `entries` appends.
+fn archive_of(
+    spec: protocol::BoxSpec,
+    entries: impl FnOnce(&mut tar::Builder<flate2::write::GzEncoder<Vec<u8>>>),
+) -> (Vec<u8>, String) {
     use runner_image::export::{ExportMeta, FORMAT, META_ENTRY};
+    let id = spec.id;
     let meta = ExportMeta {
         format: FORMAT,
         box_id: id,
-        spec: common::spec(id, 128, false),
+        spec,
         image_digest: String::new(),
         created_at: "2030-01-01T00:00:00Z".into(),
         exported_at: "2030-01-01T00:00:00Z".into(),
@@ -382,10 +391,9 @@ async fn import_refuses_archives_that_reach_out_of_the_box() {
     let token = cp.announce_import(id, TTL);
     let (status, err) = post_import(&r, id, body, &sha, Some(&token)).await;
     assert_eq!(status, 201, "{err}");
-    assert!(
-        std::fs::symlink_metadata(r.box_dir(&id).join("upper"))
-            .unwrap()
-            .is_dir()
+    assert_eq!(
+        common::read_in_disk(&r, &id, "root/note").as_deref(),
+        Some(&b"kept\n"[..])
     );
     r.admin(AdminRequest::Start { id }).await;
     let (out, code) = r
@@ -476,7 +484,7 @@ async fn import_only_when_announced() {
     let token = cp.announce_import(id, TTL);
     let (s, e) = post_import(&r, id, body.clone(), &sha, Some(&token)).await;
     assert_eq!(s, 201, "{e}");
-    assert!(r.box_dir(&id).join("upper/root/note").exists());
+    assert!(common::read_in_disk(&r, &id, "root/note").is_some());
 
     // Once only: a token spent on an import that failed cannot be replayed.
     let again = uuid::Uuid::new_v4();
@@ -503,6 +511,79 @@ async fn import_only_when_announced() {
     let fresh = cp.announce_import(id, TTL);
     let (s, e) = post_import(&r, id, body, &sha, Some(&fresh)).await;
     assert_eq!(s, 409, "{e}");
-    assert!(r.box_dir(&id).join("upper/root/note").exists());
+    assert!(common::read_in_disk(&r, &id, "root/note").is_some());
     assert_eq!(r.status().await.boxes.len(), 1);
+}
+
+/// Issue 12, finding 3: a sparse file stays sparse through a move (it used
+/// to turn into real blocks, as many as its length), and an archive holding
+/// more than the target box's disk is refused before anything is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holes_survive_a_move_and_archives_bigger_than_the_disk_are_refused() {
+    let a = Runner::start(Options::default()).await;
+    let (cp, b) = announcing_runner().await;
+    let mut spec = common::spec(uuid::Uuid::new_v4(), 128, false);
+    spec.resources.disk_mib = 64;
+    let id = spec.id;
+    a.try_create(spec).await.unwrap();
+    // A 2 GiB file in a 64 MiB box: 4 bytes of data, the rest a hole.
+    let (out, code) = a
+        .sh(id, "printf data > /sparse && dd if=/dev/zero of=/sparse bs=1 count=1 seek=2147483647 conv=notrunc 2>&1 && ls -l /sparse")
+        .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("2147483648"), "{out}");
+    a.admin(AdminRequest::Stop { id }).await;
+    let resp = reqwest::Client::new()
+        .get(format!("{}/api/boxes/{id}/export", a.url()))
+        .bearer_auth(common::KEY)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let sha = resp.headers()["x-boxlite-sha256"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body = resp.bytes().await.unwrap().to_vec();
+    assert!(
+        body.len() < 1 << 20,
+        "the archive carries the hole: {} bytes",
+        body.len()
+    );
+    let token = cp.announce_import(id, TTL);
+    let (status, err) = post_import(&b, id, body, &sha, Some(&token)).await;
+    assert_eq!(status, 201, "{err}");
+    let image = runner_image::disk::image_path(&b.box_dir(&id));
+    let used = runner_image::disk::usage_bytes(&image).unwrap();
+    assert!(
+        used < 16 << 20,
+        "the imported disk takes {used} bytes of the host"
+    );
+    b.admin(AdminRequest::Start { id }).await;
+    let (out, code) = b.sh(id, "ls -l /sparse && head -c 4 /sparse").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("2147483648") && out.ends_with("data"), "{out}");
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(b.upper(&id).await.join("sparse")).unwrap();
+    assert_eq!(m.len(), 2 << 30);
+    assert!(
+        m.blocks() * 512 < 1 << 20,
+        "{} bytes allocated",
+        m.blocks() * 512
+    );
+
+    // 32 MiB of content for a 16 MiB disk: refused, nothing left behind.
+    let mut small = common::spec(uuid::Uuid::new_v4(), 128, false);
+    small.resources.disk_mib = 16;
+    let big = small.id;
+    let (body, sha) = archive_of(small, |t| {
+        dir(t, "upper/");
+        file(t, "upper/big", &vec![7u8; 32 << 20]);
+    });
+    let token = cp.announce_import(big, TTL);
+    let (status, err) = post_import(&b, big, body, &sha, Some(&token)).await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err.contains("more than the box's 16 MiB disk"), "{err}");
+    assert!(!b.box_dir(&big).exists());
+    assert_eq!(std::fs::read_dir(b.state.join("tmp")).unwrap().count(), 0);
 }

@@ -479,6 +479,33 @@ impl Drop for Internet {
     }
 }
 
+/// A file of stopped box `id`'s writable layer (`rel` below `upper/`), read
+/// from its disk (mounted privately for the read).
+pub fn read_in_disk(r: &Runner, id: &Uuid, rel: &str) -> Option<Vec<u8>> {
+    let rel = rel.to_string();
+    runner_image::disk::with_mounted(
+        &runner_image::disk::image_path(&r.box_dir(id)),
+        &r.state.join("tmp"),
+        true,
+        move |m| Ok(std::fs::read(m.join("upper").join(rel)).ok()),
+    )
+    .unwrap()
+}
+
+impl Runner {
+    /// Where running box `id`'s writable layer is (inside its shim's mount namespace).
+    pub async fn upper(&self, id: &Uuid) -> PathBuf {
+        let st = self.status().await;
+        let pid = st
+            .boxes
+            .iter()
+            .find(|b| b.id == *id)
+            .and_then(|b| b.shim_pid)
+            .expect("the box runs");
+        runner_image::disk::running_upper(pid)
+    }
+}
+
 /// The id range recorded for box `id`.
 pub fn box_ids(r: &Runner, id: &Uuid) -> runner_image::ids::IdRange {
     let rec: runner_image::boxes::BoxRecord =
