@@ -37,6 +37,8 @@ pub struct Agent {
     pub boxes: Boxes,
     /// When this process (image) started.
     pub started: Instant,
+    /// Output limits and budget of one-shot execs.
+    pub exec_capture: crate::exec::Capture,
     api_key: RwLock<Option<String>>,
     binary_sha256: OnceLock<String>,
     exe: PathBuf,
@@ -225,6 +227,7 @@ pub async fn run(config: Config) -> Result<()> {
         config: config.clone(),
         boxes,
         started: Instant::now(),
+        exec_capture: crate::exec::Capture::new(config.exec),
         api_key: RwLock::new(api_key),
         binary_sha256: OnceLock::new(),
         start_time: sys::process_start_time(std::process::id()).unwrap_or(0),

@@ -80,6 +80,8 @@ struct RawConfig {
     #[serde(default)]
     keep_releases: Option<usize>,
     #[serde(default)]
+    exec: crate::exec::ExecLimits,
+    #[serde(default)]
     max_sessions_per_box: Option<usize>,
 }
 
@@ -134,6 +136,8 @@ pub struct Config {
     pub stop_grace_secs: u64,
     /// Releases kept besides the current and previous one.
     pub keep_releases: usize,
+    /// Output limits of one-shot execs (the `[exec]` table).
+    pub exec: crate::exec::ExecLimits,
     /// Most exec sessions (running or finished but unread) one box keeps.
     pub max_sessions_per_box: usize,
 }
@@ -244,6 +248,7 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("/bin/busybox")),
             stop_grace_secs: raw.stop_grace_secs.unwrap_or(3).min(300),
             keep_releases: raw.keep_releases.unwrap_or(3).max(1),
+            exec: raw.exec.checked()?,
             max_sessions_per_box: raw.max_sessions_per_box.unwrap_or(64).clamp(1, 4096),
         })
     }

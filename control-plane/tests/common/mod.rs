@@ -561,12 +561,19 @@ async fn fake_exec(
             axum::Json(ApiError::new("not_running", "stopped")),
         )
             .into_response(),
-        Some(_) => axum::Json(ExecResponse {
-            exit_code: if req.command[0] == "false" { 1 } else { 0 },
-            stdout: format!("{}{}", req.command.join(" "), req.stdin.unwrap_or_default()),
-            stderr: serde_json::to_string(&req.env).unwrap(),
-            timed_out: false,
-        })
+        Some(_) => axum::Json(ExecResponse::from_output(
+            if req.command[0] == "false" { 1 } else { 0 },
+            CapturedOutput {
+                bytes: format!("{}{}", req.command.join(" "), req.stdin.unwrap_or_default())
+                    .into_bytes(),
+                truncated: false,
+            },
+            CapturedOutput {
+                bytes: serde_json::to_vec(&req.env).unwrap(),
+                truncated: false,
+            },
+            false,
+        ))
         .into_response(),
     }
 }
