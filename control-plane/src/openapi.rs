@@ -323,7 +323,7 @@ api_object!(ExecRequest as "ExecRequest", "Body of POST /api/boxes/{id}/exec." {
 
 api_enum!(OutputEncoding as "OutputEncoding", "How an output stream's bytes are carried in its JSON string." {
     Utf8 = "utf8" => "the string is the bytes (they are UTF-8); the default when the field is absent",
-    Base64 = "base64" => "the string is the standard, padded base64 of the bytes (output that is not UTF-8, or that JSON escaping would make longer than base64)",
+    Base64 = "base64" => "the string is the standard, padded base64 of the bytes (output that is not UTF-8, or that JSON escaping would make more than 1 KiB longer than base64)",
 });
 
 api_object!(ExecResponse as "ExecResponse", "Answer of POST /api/boxes/{id}/exec. Each stream holds exactly the first bytes the process wrote, up to the limit; the process's further output was read and dropped." {

@@ -14,8 +14,8 @@
 //! output stream (the server's limit, or [`ExecRequest::max_output_bytes`]
 //! when smaller); the rest is read and dropped, and `*_truncated` says so.
 //! Output is carried without loss or blow-up: a stream is sent as its text
-//! when it is UTF-8 whose JSON form is no longer than base64's, and as base64
-//! otherwise ([`OutputEncoding`]); [`ExecResponse::stdout_bytes`] and
+//! when it is UTF-8 whose JSON form is at most [`TEXT_SLACK`] longer than
+//! base64's, and as base64 otherwise ([`OutputEncoding`]); [`ExecResponse::stdout_bytes`] and
 //! [`ExecResponse::stderr_bytes`] give back the exact bytes either way, and
 //! [`ExecResponse::max_json_len`] bounds the size of the answer.
 
@@ -120,6 +120,11 @@ pub struct OutputDecodeError {
 /// encodings and flags come to under 200).
 const RESPONSE_OVERHEAD: u64 = 1024;
 
+/// How much longer than base64 a stream's JSON text may be and still be sent
+/// as text: short output with a few quotes or newlines stays readable, while
+/// output that escaping would blow up (control bytes: six times) goes as base64.
+pub const TEXT_SLACK: u64 = 1024;
+
 /// Length of standard base64 (padded) of `n` bytes.
 pub fn base64_len(n: u64) -> u64 {
     n.div_ceil(3).saturating_mul(4)
@@ -139,12 +144,15 @@ fn json_string_len(s: &str) -> u64 {
 }
 
 /// The wire form of `bytes`: the text itself when it is UTF-8 and its JSON
-/// form is no longer than base64's, else base64. Either way the JSON string
-/// holding it is at most [`base64_len`] of the length.
+/// form is at most [`TEXT_SLACK`] longer than base64's, else base64. Either
+/// way the JSON string holding it is at most [`base64_len`] of the length
+/// plus [`TEXT_SLACK`] (and the quotes).
 pub fn encode_output(bytes: Vec<u8>) -> (String, OutputEncoding) {
     let n = bytes.len() as u64;
     match String::from_utf8(bytes) {
-        Ok(text) if json_string_len(&text) <= base64_len(n) => (text, OutputEncoding::Utf8),
+        Ok(text) if json_string_len(&text) <= base64_len(n) + TEXT_SLACK => {
+            (text, OutputEncoding::Utf8)
+        }
         Ok(text) => (b64(text.as_bytes()), OutputEncoding::Base64),
         Err(e) => (b64(e.as_bytes()), OutputEncoding::Base64),
     }
@@ -214,6 +222,7 @@ impl ExecResponse {
     /// `max_output_bytes` each: what a reader of the answer needs to accept.
     pub fn max_json_len(max_output_bytes: u64) -> u64 {
         base64_len(max_output_bytes)
+            .saturating_add(TEXT_SLACK)
             .saturating_mul(2)
             .saturating_add(RESPONSE_OVERHEAD)
     }
@@ -321,6 +330,12 @@ mod tests {
         assert_eq!(r.stderr_bytes().unwrap(), b"\xff\x00\x01 not utf-8");
         assert!(r.stderr_truncated && !r.stdout_truncated);
         assert_eq!(r.stderr_lossy(), "\u{fffd}\u{0}\u{1} not utf-8");
+        // Short text with a few characters JSON escapes stays readable text.
+        let r = response(br#"{"X":"y"}"#, b"");
+        assert_eq!(
+            (r.stdout.as_str(), r.stdout_encoding),
+            (r#"{"X":"y"}"#, OutputEncoding::Utf8)
+        );
         // Valid UTF-8 that JSON would blow up (control bytes) goes as base64 too.
         let r = response(&[1u8; 300], b"");
         assert_eq!(r.stdout_encoding, OutputEncoding::Base64);

@@ -112,8 +112,7 @@ async fn exec_box(
     Path(id): Path<Uuid>,
     Json(req): Json<ExecRequest>,
 ) -> Result<Json<ExecResponse>> {
-    let ep = exec_proxy::resolve(&s, m.organization_id, id).await?;
-    Ok(Json(exec_proxy::exec(&s, &ep, id, &req).await?))
+    Ok(Json(exec_proxy::run(&s, &m, id, &req).await?))
 }
 
 async fn exec_ws(
@@ -347,9 +346,16 @@ pub fn routes() -> Vec<Route> {
             .op("exec_box", "boxes", "Run a command in a box and wait for it")
             .path_param::<Uuid>("id", BOX_ID)
             .body::<ExecRequest>()
+            .describe(
+                "Each of stdout and stderr holds at most `exec_max_output_bytes` of the control plane's \
+                 configuration (1 MiB by default), or `max_output_bytes` when smaller: exactly the first bytes \
+                 the process wrote, as text or base64 (`*_encoding`), `*_truncated` when it wrote more. \
+                 An organization runs at most `exec_max_concurrent_per_org` of these at once.",
+            )
             .ok::<ExecResponse>(200, "The command ended (or timed out).")
             .err(409, "The box is not running (`box_not_running`).")
-            .err(502, "The runner failed or cannot be reached (`runner_error`, `runner_unreachable`).")
+            .err(429, "The organization already runs its limit of one-shot execs (`too_many_execs`); retry after `Retry-After` seconds.")
+            .err(502, "The runner failed, cannot be reached, or answered more output than asked (`runner_error`, `runner_unreachable`, `runner_output_too_large`).")
             .err(503, "The box's runner is not responding (`runner_unavailable`).")
             .err(504, "The runner did not answer in time (`runner_timeout`)."),
         Route::new(Method::GET, "/api/boxes/{id}/exec/ws", Member, exec_ws)

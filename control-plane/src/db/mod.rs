@@ -65,6 +65,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "runner binary",
         include_str!("../../migrations/0002_runner_binary.sql"),
     ),
+    (
+        3,
+        "exec slots",
+        include_str!("../../migrations/0003_exec_slots.sql"),
+    ),
 ];
 
 /// Attempts of an operation that hit a serialization failure, deadlock or busy database.

@@ -315,6 +315,8 @@ pub struct FakeState {
     pub lie_about_checksum: bool,
     /// Delay before answering an exec.
     pub exec_delay: Duration,
+    /// The last exec request received.
+    pub last_exec: Option<ExecRequest>,
 }
 
 /// A fake runner: its API on a real socket, and `sync` for one healthcheck.
@@ -349,6 +351,11 @@ pub fn res(cpu: u64, mem: u64, disk: u64) -> Resources {
         memory_mib: mem,
         disk_mib: disk,
     }
+}
+
+/// `n` bytes of 0, 1, …, 255, 0, 1, … (binary: NULs, control bytes, invalid UTF-8).
+pub fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 256) as u8).collect()
 }
 
 /// The archive a fake box exports: deterministic bytes, large enough to stream.
@@ -547,8 +554,19 @@ async fn fake_exec(
     if let Some(r) = refused(&st, &headers, format!("POST /api/boxes/{id}/exec")) {
         return r;
     }
-    let delay = st.lock().unwrap().exec_delay;
+    let delay = {
+        let mut s = st.lock().unwrap();
+        s.last_exec = Some(req.clone());
+        s.exec_delay
+    };
     tokio::time::sleep(delay).await;
+    // `sleep SECS` takes that long; `bytes N` writes N bytes of 0, 1, …, 255,
+    // 0, … (kept up to `max_output_bytes`, like the runner); `flood N` writes
+    // N bytes and ignores `max_output_bytes` (like a runner that predates it).
+    let arg = |i: usize| -> u64 { req.command.get(i).and_then(|a| a.parse().ok()).unwrap_or(0) };
+    if req.command[0] == "sleep" {
+        tokio::time::sleep(Duration::from_secs(arg(1))).await;
+    }
     let s = st.lock().unwrap();
     match s.boxes.get(&id) {
         None => (
@@ -561,6 +579,30 @@ async fn fake_exec(
             axum::Json(ApiError::new("not_running", "stopped")),
         )
             .into_response(),
+        Some(_) if req.command[0] == "bytes" => {
+            let n = arg(1);
+            let kept = n.min(req.max_output_bytes.unwrap_or(u64::MAX));
+            axum::Json(ExecResponse::from_output(
+                0,
+                CapturedOutput {
+                    bytes: pattern(kept as usize),
+                    truncated: kept < n,
+                },
+                CapturedOutput::default(),
+                false,
+            ))
+            .into_response()
+        }
+        Some(_) if req.command[0] == "flood" => axum::Json(ExecResponse::from_output(
+            0,
+            CapturedOutput {
+                bytes: vec![b'a'; arg(1) as usize],
+                truncated: false,
+            },
+            CapturedOutput::default(),
+            false,
+        ))
+        .into_response(),
         Some(_) => axum::Json(ExecResponse::from_output(
             if req.command[0] == "false" { 1 } else { 0 },
             CapturedOutput {
