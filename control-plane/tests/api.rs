@@ -29,6 +29,7 @@ both_backends!(
     exec_output_is_bounded_and_byte_exact,
     concurrent_execs_are_bounded_per_organization,
     interactive_exec_is_relayed_over_websocket,
+    exec_websocket_messages_are_bounded_both_ways,
     moving_a_box_keeps_its_id_and_data,
     failed_moves_leave_the_box_where_it_was,
     decommission_refuses_while_boxes_remain,
@@ -1282,6 +1283,80 @@ async fn interactive_exec_is_relayed_over_websocket(b: Backend) {
         }
         other => panic!("expected a 404, got {other:?}"),
     }
+}
+
+async fn exec_websocket_messages_are_bounded_both_ways(b: Backend) {
+    let app = TestApp::start(b).await;
+    let (_, key) = app.org("acme").await;
+    let runner = FakeRunner::register(&app, "runner-1", res(8000, 16384, 100_000)).await;
+    runner.sync().await;
+    let id = running_box(&app, &key, &runner).await;
+    let open = |command: Vec<String>| {
+        let url = format!(
+            "{}/api/boxes/{id}/exec/ws",
+            app.url.replace("http://", "ws://")
+        );
+        let key = key.clone();
+        async move {
+            let mut req = url.into_client_request().unwrap();
+            req.headers_mut()
+                .insert("authorization", format!("Bearer {key}").parse().unwrap());
+            // The test's own client accepts anything, to see what is relayed.
+            let cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                .max_message_size(None)
+                .max_frame_size(None);
+            let (mut ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(cfg), false)
+                .await
+                .unwrap();
+            let start = ExecStart {
+                command,
+                ..Default::default()
+            };
+            ws.send(Message::text(serde_json::to_string(&start).unwrap()))
+                .await
+                .unwrap();
+            let started = ws.next().await.unwrap().unwrap();
+            assert!(started.is_text(), "{started:?}");
+            ws
+        }
+    };
+    // Within the limit, either way: relayed.
+    let mut ws = open(vec!["cat".into()]).await;
+    ws.send(Message::binary(vec![7u8; 1 << 20])).await.unwrap();
+    let echo = ws.next().await.unwrap().unwrap().into_data();
+    assert_eq!(echo.len(), (1 << 20) + 1);
+    // A client's 3 MiB message is refused, not buffered and relayed.
+    let _ = ws.send(Message::binary(vec![7u8; 3 << 20])).await;
+    while let Some(Ok(m)) = ws.next().await {
+        assert!(
+            m.len() < MAX_WS_MESSAGE_BYTES,
+            "relayed a {} byte message",
+            m.len()
+        );
+        if m.is_close() {
+            break;
+        }
+    }
+    // A runner's 3 MiB message is refused too: the client is told the runner
+    // connection is lost, and never gets the message.
+    let mut ws = open(vec!["flood".into(), (3 << 20).to_string()]).await;
+    let mut closed = None;
+    while let Some(Ok(m)) = ws.next().await {
+        assert!(
+            m.len() < MAX_WS_MESSAGE_BYTES,
+            "relayed a {} byte message",
+            m.len()
+        );
+        if let Message::Close(f) = m {
+            closed = f.map(|f| u16::from(f.code));
+            break;
+        }
+    }
+    assert_eq!(closed, Some(1011));
+    // Just under the limit still goes through.
+    let mut ws = open(vec!["flood".into(), ((1 << 20) + 5).to_string()]).await;
+    let out = ws.next().await.unwrap().unwrap().into_data();
+    assert_eq!(out.len(), (1 << 20) + 6);
 }
 
 async fn moving_a_box_keeps_its_id_and_data(b: Backend) {

@@ -125,7 +125,10 @@ async fn exec_ws(
     let ws = ws.map_err(|r| Error::bad_request("websocket_required", r.body_text()))?;
     let runner = exec_proxy::connect_ws(&s, &ep, id).await?;
     let shutdown = s.shutdown.clone();
-    Ok(ws.on_upgrade(move |socket| exec_proxy::relay(socket, runner, shutdown, id)))
+    Ok(ws
+        .max_message_size(MAX_WS_MESSAGE_BYTES)
+        .max_frame_size(MAX_WS_MESSAGE_BYTES)
+        .on_upgrade(move |socket| exec_proxy::relay(socket, runner, shutdown, id)))
 }
 
 async fn list_keys(State(s): State<AppState>, Caller(m): Caller) -> Result<Json<Vec<ApiKeyInfo>>> {
@@ -364,7 +367,8 @@ pub fn routes() -> Vec<Route> {
                 "Upgrade to a WebSocket relayed to the box's runner. Send `ExecStart` as the first text frame; \
                  the server answers `ExecEvent` `started`. Then stdin goes in binary frames and `ExecControl` \
                  (resize, signal, stdin_eof) in text frames; output comes in binary frames whose first byte is \
-                 the stream (1 stdout, 2 stderr); the session ends with `ExecEvent` `exit` or `error`.",
+                 the stream (1 stdout, 2 stderr); the session ends with `ExecEvent` `exit` or `error`. \
+                 A message larger than 2 MiB, either way, ends the session.",
             )
             .path_param::<Uuid>("id", BOX_ID)
             .status(101, "Switching to the WebSocket protocol.")

@@ -641,6 +641,7 @@ async fn fake_ws(
 
 /// Echo session: stdin comes back as stdout, resizes are reported on
 /// stderr, `stdin_eof` ends with exit code 0 (3 after a TERM signal).
+/// Command `flood N` sends one output message of N bytes instead.
 async fn fake_session(mut ws: WebSocket) {
     let Some(Ok(Message::Text(first))) = ws.recv().await else {
         return;
@@ -665,6 +666,19 @@ async fn fake_session(mut ws: WebSocket) {
             serde_json::to_string(&started).unwrap().into(),
         ))
         .await;
+    // `flood N`: one output message of N bytes, then exit 0.
+    if let [cmd, n] = start.command.as_slice()
+        && cmd == "flood"
+    {
+        let mut out = vec![STDOUT];
+        out.resize(n.parse::<usize>().unwrap_or(0) + 1, b'a');
+        let _ = ws.send(Message::Binary(Bytes::from(out))).await;
+        let ev = ExecEvent::Exit { code: 0 };
+        let _ = ws
+            .send(Message::Text(serde_json::to_string(&ev).unwrap().into()))
+            .await;
+        return;
+    }
     let mut code = 0;
     while let Some(Ok(m)) = ws.recv().await {
         match m {
