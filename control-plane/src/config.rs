@@ -11,6 +11,8 @@
 //! | `runner_unresponsive_after_secs`    | `BOXLITE_RUNNER_UNRESPONSIVE_AFTER_SECS`     |
 //! | `runner_healthcheck_interval_secs`  | `BOXLITE_RUNNER_HEALTHCHECK_INTERVAL_SECS`   |
 //! | `log_format` (`text` or `json`)     | `BOXLITE_LOG_FORMAT`                         |
+//! | `exec_max_output_bytes`             | `BOXLITE_EXEC_MAX_OUTPUT_BYTES`              |
+//! | `exec_max_concurrent_per_org`       | `BOXLITE_EXEC_MAX_CONCURRENT_PER_ORG`        |
 //! | `[oidc] issuer`, `audience`         | `BOXLITE_OIDC_ISSUER`, `BOXLITE_OIDC_AUDIENCE` |
 //!
 //! Unknown file keys are an error. Relative paths are relative to the working
@@ -95,6 +97,11 @@ pub struct Config {
     /// The stage's egress allow-list: private destinations a box may ask to
     /// reach (`egress_allow`, or `BOXLITE_EGRESS_ALLOW`, comma-separated CIDRs).
     pub egress_allow: Vec<protocol::Ipv4Cidr>,
+    /// Bytes of each of stdout and stderr a one-shot exec answers with at
+    /// most (asked of the runner; its answer is read up to the matching size).
+    pub exec_max_output_bytes: u64,
+    /// One-shot execs an organization may run at once, across replicas.
+    pub exec_max_concurrent_per_org: u32,
 }
 
 /// Default listen address.
@@ -105,6 +112,10 @@ pub const DEFAULT_UNRESPONSIVE_AFTER_SECS: u64 = 60;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
 /// Minimum admin key length (prefix included).
 pub const MIN_ADMIN_KEY_LEN: usize = 24;
+/// Default one-shot execs per organization at once.
+pub const DEFAULT_EXEC_MAX_CONCURRENT_PER_ORG: u32 = 8;
+/// Largest `exec_max_output_bytes` accepted (its answer is held in memory).
+pub const MAX_EXEC_OUTPUT_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,6 +128,8 @@ struct FileConfig {
     runner_unresponsive_after_secs: Option<u64>,
     runner_healthcheck_interval_secs: Option<u64>,
     log_format: Option<LogFormat>,
+    exec_max_output_bytes: Option<u64>,
+    exec_max_concurrent_per_org: Option<u32>,
     oidc: Option<FileOidc>,
     egress_allow: Option<Vec<protocol::Ipv4Cidr>>,
 }
@@ -163,6 +176,8 @@ impl Config {
             log_format: LogFormat::Text,
             declared_runners: BTreeMap::new(),
             egress_allow: Vec::new(),
+            exec_max_output_bytes: protocol::DEFAULT_MAX_OUTPUT_BYTES,
+            exec_max_concurrent_per_org: DEFAULT_EXEC_MAX_CONCURRENT_PER_ORG,
         }
     }
 
@@ -283,6 +298,23 @@ impl Config {
             None => file.log_format.unwrap_or_default(),
         };
 
+        let exec_max_output_bytes = num("BOXLITE_EXEC_MAX_OUTPUT_BYTES")?
+            .or(file.exec_max_output_bytes)
+            .unwrap_or(protocol::DEFAULT_MAX_OUTPUT_BYTES);
+        if !(1..=MAX_EXEC_OUTPUT_BYTES).contains(&exec_max_output_bytes) {
+            bail!("exec_max_output_bytes: must be 1 to {MAX_EXEC_OUTPUT_BYTES}");
+        }
+        let exec_max_concurrent_per_org = match num("BOXLITE_EXEC_MAX_CONCURRENT_PER_ORG")? {
+            Some(n) => u32::try_from(n)
+                .map_err(|_| anyhow!("BOXLITE_EXEC_MAX_CONCURRENT_PER_ORG is too large"))?,
+            None => file
+                .exec_max_concurrent_per_org
+                .unwrap_or(DEFAULT_EXEC_MAX_CONCURRENT_PER_ORG),
+        };
+        if !(1..=10_000).contains(&exec_max_concurrent_per_org) {
+            bail!("exec_max_concurrent_per_org: must be 1 to 10000");
+        }
+
         let file_oidc = file.oidc.unwrap_or_default();
         let issuer = env("BOXLITE_OIDC_ISSUER").or(file_oidc.issuer);
         let audience = env("BOXLITE_OIDC_AUDIENCE").or(file_oidc.audience);
@@ -330,6 +362,8 @@ impl Config {
             runner_healthcheck_interval: interval,
             oidc,
             log_format,
+            exec_max_output_bytes,
+            exec_max_concurrent_per_org,
         })
     }
 }
@@ -377,6 +411,8 @@ mod tests {
         assert_eq!(c.admin_key.expose(), KEY);
         assert_eq!(c.runner_unresponsive_after, Duration::from_secs(60));
         assert_eq!(c.runner_healthcheck_interval, Duration::from_secs(10));
+        assert_eq!(c.exec_max_output_bytes, 1 << 20);
+        assert_eq!(c.exec_max_concurrent_per_org, 8);
         assert_eq!(c.oidc.as_ref().unwrap().issuer, "https://id.example.com/");
         assert!(
             !format!("{c:?}").contains(KEY),
@@ -436,6 +472,8 @@ mod tests {
             ("BOXLITE_OIDC_AUDIENCE", "api".to_string()),
             ("BOXLITE_RUNNER_UNRESPONSIVE_AFTER_SECS", "30".to_string()),
             ("BOXLITE_LOG_FORMAT", "json".to_string()),
+            ("BOXLITE_EXEC_MAX_OUTPUT_BYTES", "4096".to_string()),
+            ("BOXLITE_EXEC_MAX_CONCURRENT_PER_ORG", "3".to_string()),
         ]
         .into_iter()
         .collect();
@@ -447,6 +485,10 @@ mod tests {
         assert_eq!(c.runner_unresponsive_after, Duration::from_secs(30));
         assert_eq!(c.runner_healthcheck_interval, Duration::from_secs(7));
         assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(
+            (c.exec_max_output_bytes, c.exec_max_concurrent_per_org),
+            (4096, 3)
+        );
         assert_eq!(c.oidc.unwrap().audience, "api");
         let dbg = format!("{:?}", Config::load_with(None, get).unwrap());
         assert!(
@@ -508,6 +550,13 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("whole number"), "{e}");
+        for (k, v) in [
+            ("BOXLITE_EXEC_MAX_OUTPUT_BYTES", "0"),
+            ("BOXLITE_EXEC_MAX_CONCURRENT_PER_ORG", "0"),
+        ] {
+            let e = Config::load_with(None, env(&[base[0], base[1], (k, v)])).unwrap_err();
+            assert!(e.to_string().contains("must be 1 to"), "{k}: {e}");
+        }
         let e = Config::load_with(
             None,
             env(&[

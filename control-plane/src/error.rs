@@ -19,6 +19,8 @@ pub struct Error {
     pub code: Cow<'static, str>,
     /// Human-readable message; never holds secrets.
     pub message: String,
+    /// Seconds after which a retry may succeed (`Retry-After`).
+    pub retry_after: Option<u64>,
     source: Option<anyhow::Error>,
 }
 
@@ -33,6 +35,7 @@ impl Error {
             status,
             code: code.into(),
             message: message.into(),
+            retry_after: None,
             source: None,
         }
     }
@@ -71,6 +74,14 @@ impl Error {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
     }
 
+    /// 429 with `code`: a limit of the caller is reached; retry after `secs`.
+    pub fn too_many(code: &'static str, message: impl Into<String>, secs: u64) -> Self {
+        Error {
+            retry_after: Some(secs),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, message)
+        }
+    }
+
     /// 502 with `code`: a runner failed or could not be reached.
     pub fn bad_gateway(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_GATEWAY, code, message)
@@ -82,6 +93,7 @@ impl Error {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             code: Cow::Borrowed("internal"),
             message: "internal error; see the control plane's log".into(),
+            retry_after: None,
             source: Some(cause.into()),
         }
     }
@@ -154,6 +166,10 @@ impl IntoResponse for Error {
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

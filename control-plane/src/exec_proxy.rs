@@ -1,6 +1,16 @@
 //! Exec, proxied to the box's runner: one-shot over HTTP, interactive over a
 //! WebSocket relayed frame by frame. The control plane authenticates to the
 //! runner with that runner's API key.
+//!
+//! What a one-shot exec may cost the control plane is bounded: it holds one
+//! of its organization's exec slots ([`crate::exec_slots`]) while it runs,
+//! asks the runner for at most `exec_max_output_bytes` per stream, and reads
+//! the runner's answer only up to [`ExecResponse::max_json_len`] of that, so
+//! an organization's execs hold at most `exec_max_concurrent_per_org` such
+//! answers at once. No database connection is held while the runner works:
+//! the box and runner lookups and the slot are short statements before and
+//! after. A session relayed over WebSocket buffers at most one message
+//! ([`protocol::MAX_WS_MESSAGE_BYTES`]) per direction.
 
 use std::time::Duration;
 
@@ -16,9 +26,11 @@ use tokio_tungstenite::tungstenite::protocol::{
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::auth::Member;
 use crate::boxes::parse_state;
 use crate::config::Secret;
 use crate::error::{Error, Result};
+use crate::exec_slots;
 use crate::state::AppState;
 
 /// Pings on both legs of a relayed session this often (load balancers drop idle sockets).
@@ -120,6 +132,12 @@ pub fn validate(req: &ExecRequest) -> Result<()> {
             format!("timeout_secs is between 1 and {MAX_EXEC_TIMEOUT_SECS}"),
         ));
     }
+    if req.max_output_bytes == Some(0) {
+        return Err(Error::bad_request(
+            "invalid_max_output_bytes",
+            "max_output_bytes is at least 1",
+        ));
+    }
     Ok(())
 }
 
@@ -182,6 +200,23 @@ pub fn runner_error_text(runner: &str, status: reqwest::StatusCode, body: &str) 
     }
 }
 
+/// `POST /api/boxes/{id}/exec` for `member`: check the request, find the
+/// box's runner, take one of the organization's exec slots, run it there.
+pub async fn run(
+    state: &AppState,
+    member: &Member,
+    box_id: Uuid,
+    req: &ExecRequest,
+) -> Result<ExecResponse> {
+    validate(req)?;
+    let ep = resolve(state, member.organization_id, box_id).await?;
+    let slot =
+        exec_slots::acquire(state, member.organization_id, &member.organization_name).await?;
+    let answer = exec(state, &ep, box_id, req).await;
+    slot.release().await;
+    answer
+}
+
 /// Run a command to completion on the box's runner.
 pub async fn exec(
     state: &AppState,
@@ -190,12 +225,18 @@ pub async fn exec(
     req: &ExecRequest,
 ) -> Result<ExecResponse> {
     validate(req)?;
+    let cap = state.config.exec_max_output_bytes;
+    let asked = ExecRequest {
+        max_output_bytes: Some(req.max_output_bytes.map_or(cap, |m| m.min(cap))),
+        ..req.clone()
+    };
+    let limit = ExecResponse::max_json_len(asked.max_output_bytes.unwrap_or(cap));
     let wait = req.timeout_secs.unwrap_or(DEFAULT_EXEC_TIMEOUT_SECS) + 30;
     let resp = state
         .http
         .post(ep.url(&format!("/api/boxes/{box_id}/exec")))
         .bearer_auth(ep.api_key.expose())
-        .json(req)
+        .json(&asked)
         .timeout(Duration::from_secs(wait))
         .send()
         .await
@@ -203,13 +244,42 @@ pub async fn exec(
     if !resp.status().is_success() {
         return Err(runner_error(&ep.name, resp).await);
     }
-    resp.json::<ExecResponse>().await.map_err(|e| {
+    let body = read_limited(&ep.name, resp, limit).await?;
+    serde_json::from_slice::<ExecResponse>(&body).map_err(|e| {
         Error::bad_gateway(
             "runner_error",
             format!("runner {} sent a malformed exec answer", ep.name),
         )
         .with_source(e)
     })
+}
+
+/// The body of a runner's answer, refused (502 `runner_output_too_large`)
+/// as soon as it is known to exceed `limit` bytes: never buffered beyond it.
+async fn read_limited(runner: &str, resp: reqwest::Response, limit: u64) -> Result<Vec<u8>> {
+    let too_large = || {
+        Error::bad_gateway(
+            "runner_output_too_large",
+            format!(
+                "runner {runner} answered with more than {limit} bytes of exec output \
+                 (is it older than the control plane, ignoring max_output_bytes?)"
+            ),
+        )
+    };
+    let declared = resp.content_length();
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut body = Vec::with_capacity(declared.unwrap_or(0) as usize);
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| unreachable(runner, e))?;
+        if (body.len() + chunk.len()) as u64 > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// The runner leg of an interactive session.

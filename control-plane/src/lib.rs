@@ -17,6 +17,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod exec_proxy;
+pub mod exec_slots;
 pub mod imports;
 pub mod migrate;
 pub mod oidc;

@@ -335,12 +335,22 @@ api_object!(ExecRequest as "ExecRequest", "Body of POST /api/boxes/{id}/exec." {
     opt cwd: Option<String> => "Working directory inside the box; `$HOME` when absent.",
     opt timeout_secs: Option<u64> => "Kill the process after this many seconds (1-86400; 3600 when absent).",
     opt stdin: Option<String> => "Bytes fed to stdin, then EOF.",
+    opt max_output_bytes: Option<u64> => "Keep at most this many bytes of each of stdout and stderr (at least 1); the control plane's limit (1 MiB by default) applies when absent or larger.",
 });
 
-api_object!(ExecResponse as "ExecResponse", "Answer of POST /api/boxes/{id}/exec." {
+api_enum!(OutputEncoding as "OutputEncoding", "How an output stream's bytes are carried in its JSON string." {
+    Utf8 = "utf8" => "the string is the bytes (they are UTF-8); the default when the field is absent",
+    Base64 = "base64" => "the string is the standard, padded base64 of the bytes (output that is not UTF-8, or that JSON escaping would make more than 1 KiB longer than base64)",
+});
+
+api_object!(ExecResponse as "ExecResponse", "Answer of POST /api/boxes/{id}/exec. Each stream holds exactly the first bytes the process wrote, up to the limit; the process's further output was read and dropped." {
     req exit_code: i32 => "Exit code; 128 + signal number when killed by a signal.",
-    req stdout: String => "Standard output (lossy UTF-8).",
-    req stderr: String => "Standard error (lossy UTF-8).",
+    req stdout: String => "Standard output, encoded as `stdout_encoding` says.",
+    opt stdout_encoding: OutputEncoding => "How `stdout` is encoded.",
+    opt stdout_truncated: bool => "True when the process wrote more to stdout than was kept.",
+    req stderr: String => "Standard error, encoded as `stderr_encoding` says.",
+    opt stderr_encoding: OutputEncoding => "How `stderr` is encoded.",
+    opt stderr_truncated: bool => "True when the process wrote more to stderr than was kept.",
     opt timed_out: bool => "True when the timeout killed it.",
 });
 

@@ -28,7 +28,10 @@ both_backends!(
     concurrent_creates_never_overbook,
     exec_is_proxied_with_the_runner_key,
     a_new_agent_process_gets_a_new_runner_key,
+    exec_output_is_bounded_and_byte_exact,
+    concurrent_execs_are_bounded_per_organization,
     interactive_exec_is_relayed_over_websocket,
+    exec_websocket_messages_are_bounded_both_ways,
     moving_a_box_keeps_its_id_and_data,
     failed_moves_leave_the_box_where_it_was,
     imports_are_announced_to_their_runner_until_they_expire,
@@ -1107,6 +1110,250 @@ async fn a_new_agent_process_gets_a_new_runner_key(b: Backend) {
     assert_eq!(a.1["api_key"], stored().await.as_str());
 }
 
+/// `POST /api/boxes/{id}/exec` with `body`: status, `Retry-After`, body bytes.
+async fn exec_raw(
+    app: &TestApp,
+    key: &str,
+    id: Uuid,
+    body: Value,
+) -> (StatusCode, Option<String>, Vec<u8>) {
+    let resp = app
+        .http
+        .post(format!("{}/api/boxes/{id}/exec", app.url))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, retry, resp.bytes().await.unwrap().to_vec())
+}
+
+async fn exec_output_is_bounded_and_byte_exact(b: Backend) {
+    let app = TestApp::start_with(b, |c| c.exec_max_output_bytes = 4096).await;
+    let (_, key) = app.org("acme").await;
+    let runner = FakeRunner::register(&app, "runner-1", res(8000, 16384, 100_000)).await;
+    runner.sync().await;
+    let id = running_box(&app, &key, &runner).await;
+    let asked = || {
+        runner
+            .state
+            .lock()
+            .unwrap()
+            .last_exec
+            .clone()
+            .unwrap()
+            .max_output_bytes
+    };
+
+    // Binary output comes through byte for byte, as base64, within the limit.
+    let (s, _, body) = exec_raw(&app, &key, id, json!({ "command": ["bytes", "256"] })).await;
+    assert_eq!(s, StatusCode::OK);
+    let r: ExecResponse = serde_json::from_slice(&body).unwrap();
+    assert_eq!(r.stdout_encoding, OutputEncoding::Base64);
+    assert_eq!(r.stdout_bytes().unwrap(), pattern(256));
+    assert!(!r.stdout_truncated);
+    assert_eq!(
+        asked(),
+        Some(4096),
+        "the runner is asked for the control plane's limit"
+    );
+    // More than the limit: the first 4096 bytes, marked truncated.
+    let (_, _, body) = exec_raw(&app, &key, id, json!({ "command": ["bytes", "100000"] })).await;
+    assert!(
+        body.len() as u64 <= ExecResponse::max_json_len(4096),
+        "{}",
+        body.len()
+    );
+    let r: ExecResponse = serde_json::from_slice(&body).unwrap();
+    assert!(r.stdout_truncated);
+    assert_eq!(r.stdout_bytes().unwrap(), pattern(4096));
+    // A caller may ask for less, never for more.
+    let (_, _, body) = exec_raw(
+        &app,
+        &key,
+        id,
+        json!({ "command": ["bytes", "1000"], "max_output_bytes": 100 }),
+    )
+    .await;
+    let r: ExecResponse = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (r.stdout_bytes().unwrap(), r.stdout_truncated),
+        (pattern(100), true)
+    );
+    exec_raw(
+        &app,
+        &key,
+        id,
+        json!({ "command": ["bytes", "1"], "max_output_bytes": 1u64 << 40 }),
+    )
+    .await;
+    assert_eq!(asked(), Some(4096));
+    let (s, _, body) = exec_raw(
+        &app,
+        &key,
+        id,
+        json!({ "command": ["ls"], "max_output_bytes": 0 }),
+    )
+    .await;
+    let e: ApiError = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (s, e.code.as_str()),
+        (StatusCode::BAD_REQUEST, "invalid_max_output_bytes")
+    );
+    // A runner that ignores the limit (50 MiB answer) is cut off, not buffered or relayed.
+    let (s, _, body) = exec_raw(&app, &key, id, json!({ "command": ["flood", "52428800"] })).await;
+    let e: ApiError = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (s, e.code.as_str()),
+        (StatusCode::BAD_GATEWAY, "runner_output_too_large"),
+        "{}",
+        e.message
+    );
+    // Text within the limit is still plain text.
+    let (_, _, body) = exec_raw(&app, &key, id, json!({ "command": ["flood", "4000"] })).await;
+    let r: ExecResponse = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (r.stdout_encoding, r.stdout.len()),
+        (OutputEncoding::Utf8, 4000)
+    );
+}
+
+async fn concurrent_execs_are_bounded_per_organization(b: Backend) {
+    // A pool of one connection: execs that waited on the runner while
+    // holding a connection would stall every other request.
+    let app = TestApp::start_with(b, |c| {
+        c.exec_max_concurrent_per_org = 2;
+        c.database_max_connections = 1;
+    })
+    .await;
+    let (acme_id, acme) = app.org("acme").await;
+    let (_, other) = app.org("other").await;
+    let runner = FakeRunner::register(&app, "runner-1", res(8000, 16384, 100_000)).await;
+    runner.sync().await;
+    let a = running_box(&app, &acme, &runner).await;
+    let o = running_box(&app, &other, &runner).await;
+    let execs_on = |id: Uuid| {
+        let path = format!("POST /api/boxes/{id}/exec");
+        runner
+            .state
+            .lock()
+            .unwrap()
+            .calls
+            .iter()
+            .filter(|c| **c == path)
+            .count()
+    };
+    let slow = |secs: &str| {
+        let http = app.http.clone();
+        let url = format!("{}/api/boxes/{a}/exec", app.url);
+        let key = acme.clone();
+        let body = json!({ "command": ["sleep", secs] });
+        tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    let (first, second) = (slow("3"), slow("3"));
+    let t0 = std::time::Instant::now();
+    while execs_on(a) < 2 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "execs did not start"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // acme's third is refused, with a code and Retry-After, and never reaches the runner.
+    let (s, retry, body) = exec_raw(&app, &acme, a, json!({ "command": ["echo", "x"] })).await;
+    let e: ApiError = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (s, e.code.as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "too_many_execs")
+    );
+    assert_eq!(retry.as_deref(), Some("2"));
+    assert!(
+        e.message.contains("acme") && e.message.contains('2'),
+        "{}",
+        e.message
+    );
+    assert_eq!(execs_on(a), 2);
+    // Another organization is not affected, and the API answers promptly.
+    let t1 = std::time::Instant::now();
+    let (s, _, body) = exec_raw(&app, &other, o, json!({ "command": ["echo", "hi"] })).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let (s, _) = app.call(Method::GET, "/api/boxes", Some(&acme), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        t1.elapsed() < std::time::Duration::from_secs(2),
+        "requests waited {:?} behind the running execs",
+        t1.elapsed()
+    );
+    assert_eq!(first.await.unwrap(), reqwest::StatusCode::OK);
+    assert_eq!(second.await.unwrap(), reqwest::StatusCode::OK);
+    // Finished execs gave their slots back.
+    for _ in 0..2 {
+        let (s, _, _) = exec_raw(&app, &acme, a, json!({ "command": ["echo", "x"] })).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+
+    // A client that goes away mid-exec gives its slot back too.
+    let gone = app
+        .http
+        .post(format!("{}/api/boxes/{a}/exec", app.url))
+        .bearer_auth(&acme)
+        .json(&json!({ "command": ["sleep", "30"] }))
+        .timeout(std::time::Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(gone.is_err());
+    let held = || async {
+        sqlx::query("SELECT COUNT(*) AS n FROM exec_slots WHERE holder IS NOT NULL")
+            .fetch_one(app.state.db.pool())
+            .await
+            .unwrap()
+            .try_get::<i64, _>("n")
+            .unwrap()
+    };
+    let t2 = std::time::Instant::now();
+    while held().await > 0 {
+        assert!(
+            t2.elapsed() < std::time::Duration::from_secs(10),
+            "slot not given back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Slots are shared storage: those another replica holds count, until
+    // their lease runs out without a renewal (the replica died).
+    let now = app.clock.now_ms();
+    for slot in 0..2i64 {
+        sqlx::query(
+            "UPDATE exec_slots SET holder = 'dead-replica', expires_at = $1 \
+             WHERE organization_id = $2 AND slot = $3",
+        )
+        .bind(now + 30_000)
+        .bind(acme_id.to_string())
+        .bind(slot)
+        .execute(app.state.db.pool())
+        .await
+        .unwrap();
+    }
+    let (s, _, _) = exec_raw(&app, &acme, a, json!({ "command": ["echo", "x"] })).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    app.advance(31);
+    let (s, _, body) = exec_raw(&app, &acme, a, json!({ "command": ["echo", "x"] })).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+}
+
 async fn interactive_exec_is_relayed_over_websocket(b: Backend) {
     let app = TestApp::start(b).await;
     let (_, key) = app.org("acme").await;
@@ -1204,6 +1451,80 @@ async fn interactive_exec_is_relayed_over_websocket(b: Backend) {
         }
         other => panic!("expected a 404, got {other:?}"),
     }
+}
+
+async fn exec_websocket_messages_are_bounded_both_ways(b: Backend) {
+    let app = TestApp::start(b).await;
+    let (_, key) = app.org("acme").await;
+    let runner = FakeRunner::register(&app, "runner-1", res(8000, 16384, 100_000)).await;
+    runner.sync().await;
+    let id = running_box(&app, &key, &runner).await;
+    let open = |command: Vec<String>| {
+        let url = format!(
+            "{}/api/boxes/{id}/exec/ws",
+            app.url.replace("http://", "ws://")
+        );
+        let key = key.clone();
+        async move {
+            let mut req = url.into_client_request().unwrap();
+            req.headers_mut()
+                .insert("authorization", format!("Bearer {key}").parse().unwrap());
+            // The test's own client accepts anything, to see what is relayed.
+            let cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                .max_message_size(None)
+                .max_frame_size(None);
+            let (mut ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(cfg), false)
+                .await
+                .unwrap();
+            let start = ExecStart {
+                command,
+                ..Default::default()
+            };
+            ws.send(Message::text(serde_json::to_string(&start).unwrap()))
+                .await
+                .unwrap();
+            let started = ws.next().await.unwrap().unwrap();
+            assert!(started.is_text(), "{started:?}");
+            ws
+        }
+    };
+    // Within the limit, either way: relayed.
+    let mut ws = open(vec!["cat".into()]).await;
+    ws.send(Message::binary(vec![7u8; 1 << 20])).await.unwrap();
+    let echo = ws.next().await.unwrap().unwrap().into_data();
+    assert_eq!(echo.len(), (1 << 20) + 1);
+    // A client's 3 MiB message is refused, not buffered and relayed.
+    let _ = ws.send(Message::binary(vec![7u8; 3 << 20])).await;
+    while let Some(Ok(m)) = ws.next().await {
+        assert!(
+            m.len() < MAX_WS_MESSAGE_BYTES,
+            "relayed a {} byte message",
+            m.len()
+        );
+        if m.is_close() {
+            break;
+        }
+    }
+    // A runner's 3 MiB message is refused too: the client is told the runner
+    // connection is lost, and never gets the message.
+    let mut ws = open(vec!["flood".into(), (3 << 20).to_string()]).await;
+    let mut closed = None;
+    while let Some(Ok(m)) = ws.next().await {
+        assert!(
+            m.len() < MAX_WS_MESSAGE_BYTES,
+            "relayed a {} byte message",
+            m.len()
+        );
+        if let Message::Close(f) = m {
+            closed = f.map(|f| u16::from(f.code));
+            break;
+        }
+    }
+    assert_eq!(closed, Some(1011));
+    // Just under the limit still goes through.
+    let mut ws = open(vec!["flood".into(), ((1 << 20) + 5).to_string()]).await;
+    let out = ws.next().await.unwrap().unwrap().into_data();
+    assert_eq!(out.len(), (1 << 20) + 6);
 }
 
 async fn moving_a_box_keeps_its_id_and_data(b: Backend) {

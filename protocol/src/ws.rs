@@ -8,7 +8,7 @@ use reqwest::header::{
 };
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 /// A WebSocket opened by [`upgrade`].
 pub type ClientSocket = WebSocketStream<reqwest::Upgraded>;
@@ -33,7 +33,8 @@ pub enum UpgradeError {
 }
 
 /// Send `request` (a GET carrying the caller's URL and credentials) as a
-/// WebSocket upgrade and return the socket.
+/// WebSocket upgrade and return the socket. It refuses messages larger than
+/// [`crate::MAX_WS_MESSAGE_BYTES`], so a peer cannot make it buffer more.
 pub async fn upgrade(request: reqwest::RequestBuilder) -> Result<ClientSocket, UpgradeError> {
     let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
     let resp = request
@@ -66,5 +67,12 @@ pub async fn upgrade(request: reqwest::RequestBuilder) -> Result<ClientSocket, U
         return Err(UpgradeError::BadHandshake);
     }
     let upgraded = resp.upgrade().await?;
-    Ok(WebSocketStream::from_raw_socket(upgraded, Role::Client, None).await)
+    Ok(WebSocketStream::from_raw_socket(upgraded, Role::Client, Some(message_limits())).await)
+}
+
+/// Message and frame limits of an exec WebSocket (both legs, both directions).
+pub fn message_limits() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(crate::MAX_WS_MESSAGE_BYTES))
+        .max_frame_size(Some(crate::MAX_WS_MESSAGE_BYTES))
 }

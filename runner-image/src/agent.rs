@@ -42,6 +42,8 @@ pub struct Agent {
     pub instance: String,
     /// Imports the control plane announced.
     pub imports: crate::imports::Imports,
+    /// Output limits and budget of one-shot execs.
+    pub exec_capture: crate::exec::Capture,
     api_key: RwLock<Option<String>>,
     first_check: tokio::sync::watch::Sender<bool>,
     binary_sha256: OnceLock<String>,
@@ -293,6 +295,7 @@ pub async fn run(config: Config) -> Result<()> {
         started: Instant::now(),
         instance: format!("{:032x}", rand::random::<u128>()),
         imports: Default::default(),
+        exec_capture: crate::exec::Capture::new(config.exec),
         api_key: RwLock::new(api_key),
         first_check: tokio::sync::watch::channel(false).0,
         binary_sha256: OnceLock::new(),

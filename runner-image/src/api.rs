@@ -216,8 +216,8 @@ async fn exec(
         )
     })?;
     let sock = agent.boxes.shim_socket(&id)?;
-    let resp = crate::exec::exec_once(&sock, req).await?;
-    Ok(Json(resp).into_response())
+    let outcome = crate::exec::exec_once(&sock, req, &agent.exec_capture).await?;
+    Ok(outcome.into_response())
 }
 
 async fn exec_ws(
@@ -228,7 +228,7 @@ async fn exec_ws(
     let id = box_id(&id)?;
     let sock = agent.boxes.shim_socket(&id)?;
     Ok(ws
-        .max_message_size(2 << 20)
+        .max_message_size(protocol::MAX_WS_MESSAGE_BYTES)
         .on_upgrade(move |socket| crate::exec::serve_ws(socket, sock)))
 }
 

@@ -82,6 +82,8 @@ struct RawConfig {
     #[serde(default)]
     keep_releases: Option<usize>,
     #[serde(default)]
+    exec: crate::exec::ExecLimits,
+    #[serde(default)]
     max_sessions_per_box: Option<usize>,
     #[serde(default)]
     nofile_per_process: Option<u64>,
@@ -150,6 +152,8 @@ pub struct Config {
     pub stop_grace_secs: u64,
     /// Releases kept besides the current and previous one.
     pub keep_releases: usize,
+    /// Output limits of one-shot execs (the `[exec]` table).
+    pub exec: crate::exec::ExecLimits,
     /// Most exec sessions (running or finished but unread) one box keeps.
     pub max_sessions_per_box: usize,
     /// `RLIMIT_NOFILE` of every process in a box (at most 4096 by default;
@@ -292,6 +296,7 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("/bin/busybox")),
             stop_grace_secs: raw.stop_grace_secs.unwrap_or(3).min(300),
             keep_releases: raw.keep_releases.unwrap_or(3).max(1),
+            exec: raw.exec.checked()?,
             max_sessions_per_box: raw.max_sessions_per_box.unwrap_or(64).clamp(1, 4096),
             nofile_per_process: match raw.nofile_per_process {
                 None => 4096,

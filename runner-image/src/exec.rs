@@ -6,24 +6,198 @@
 //! the process keeps running in the shim, its output is buffered, and
 //! `ExecStart { attach: Some(session) }` streams it again — also after the
 //! agent itself was restarted.
+//!
+//! A one-shot exec keeps at most [`ExecLimits::max_output_bytes`] of each
+//! output stream (less when the request asks), and all one-shot execs of the
+//! runner together hold at most [`ExecLimits::output_budget_bytes`] of output
+//! until their answers are sent. Output past either limit is read and
+//! dropped: the process is never blocked on a full pipe, it runs to its end
+//! (or its timeout) and the answer says `*_truncated`. A stream that lost
+//! bytes keeps nothing after them, so what is kept is always exactly the
+//! first bytes the process wrote.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
+use axum::body::Body;
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use protocol::{ExecControl, ExecEvent, ExecRequest, ExecResponse, ExecStart};
+use protocol::{CapturedOutput, ExecControl, ExecEvent, ExecRequest, ExecResponse, ExecStart};
+use serde::Deserialize;
+use tokio::sync::Semaphore;
 
 use crate::boxes::BoxError;
 use crate::ipc::{self, ExecSpec, Frame, ShimMessage, ShimRequest, StreamControl};
 
-/// Most output kept per stream of a one-shot exec; the rest is read and dropped.
-pub const MAX_CAPTURE: usize = 16 << 20;
 /// Longest timeout a one-shot exec may ask for.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Ping interval on exec WebSockets (keeps load balancers from closing idle sockets).
 pub const PING_INTERVAL: Duration = Duration::from_secs(30);
+/// Default of [`ExecLimits::output_budget_bytes`].
+pub const DEFAULT_OUTPUT_BUDGET_BYTES: u64 = 128 << 20;
+/// Largest [`ExecLimits::max_output_bytes`] accepted.
+pub const MAX_OUTPUT_BYTES_LIMIT: u64 = 256 << 20;
+
+/// Output limits of one-shot execs: the `[exec]` table of `runner.toml`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecLimits {
+    /// Bytes of each of stdout and stderr one exec keeps.
+    pub max_output_bytes: u64,
+    /// Bytes of output all one-shot execs of this runner hold at once.
+    pub output_budget_bytes: u64,
+}
+
+impl Default for ExecLimits {
+    fn default() -> Self {
+        ExecLimits {
+            max_output_bytes: protocol::DEFAULT_MAX_OUTPUT_BYTES,
+            output_budget_bytes: DEFAULT_OUTPUT_BUDGET_BYTES,
+        }
+    }
+}
+
+impl ExecLimits {
+    /// The limits, when they make sense.
+    pub fn checked(self) -> Result<Self> {
+        if self.max_output_bytes == 0 || self.max_output_bytes > MAX_OUTPUT_BYTES_LIMIT {
+            bail!("`exec.max_output_bytes` must be 1 to {MAX_OUTPUT_BYTES_LIMIT}");
+        }
+        if self.output_budget_bytes < self.max_output_bytes
+            || self.output_budget_bytes > Semaphore::MAX_PERMITS as u64
+        {
+            bail!(
+                "`exec.output_budget_bytes` must be between `exec.max_output_bytes` and {}",
+                Semaphore::MAX_PERMITS
+            );
+        }
+        Ok(self)
+    }
+}
+
+/// What one-shot execs may keep: the per-stream limit and the runner-wide
+/// budget (a semaphore of bytes shared by every one-shot exec).
+#[derive(Clone, Debug)]
+pub struct Capture {
+    max_output_bytes: usize,
+    budget: Arc<Semaphore>,
+}
+
+impl Capture {
+    /// A fresh budget for `limits`.
+    pub fn new(limits: ExecLimits) -> Capture {
+        Capture {
+            max_output_bytes: usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX),
+            budget: Arc::new(Semaphore::new(
+                usize::try_from(limits.output_budget_bytes)
+                    .unwrap_or(Semaphore::MAX_PERMITS)
+                    .min(Semaphore::MAX_PERMITS),
+            )),
+        }
+    }
+
+    /// Bytes of the budget not held by any exec now.
+    pub fn available(&self) -> usize {
+        self.budget.available_permits()
+    }
+}
+
+/// Bytes of the budget one exec holds; given back when dropped (after its
+/// answer was sent, or when it failed).
+#[derive(Debug)]
+struct Held {
+    budget: Arc<Semaphore>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Take up to `want` bytes of the budget, without waiting; how many were granted.
+    fn take(&mut self, want: usize) -> usize {
+        let grant = want.min(self.budget.available_permits());
+        let Ok(n) = u32::try_from(grant) else {
+            return 0;
+        };
+        match self.budget.try_acquire_many(n) {
+            Ok(p) => {
+                p.forget();
+                self.bytes += grant;
+                grant
+            }
+            Err(_) => 0,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.add_permits(self.bytes);
+    }
+}
+
+/// One stream of a one-shot exec as it is captured.
+#[derive(Debug, Default)]
+struct Sink {
+    kept: CapturedOutput,
+    limit: usize,
+}
+
+impl Sink {
+    /// Keep what fits of `data`; once anything was dropped, keep nothing more.
+    /// True when the runner-wide budget (not this stream's limit) ran out.
+    fn push(&mut self, data: &[u8], held: &mut Held) -> bool {
+        if self.kept.truncated {
+            return false;
+        }
+        let room = self.limit - self.kept.bytes.len();
+        let want = data.len().min(room);
+        let granted = if want == 0 { 0 } else { held.take(want) };
+        self.kept.bytes.extend_from_slice(&data[..granted]);
+        if granted < data.len() {
+            self.kept.truncated = true;
+        }
+        granted < want
+    }
+}
+
+/// A finished one-shot exec: its answer and the budget its output holds
+/// until the answer has been sent.
+#[derive(Debug)]
+pub struct ExecOutcome {
+    /// The answer.
+    pub response: ExecResponse,
+    held: Held,
+}
+
+impl IntoResponse for ExecOutcome {
+    fn into_response(self) -> Response {
+        let json = match serde_json::to_vec(&self.response) {
+            Ok(j) => j,
+            Err(e) => {
+                return crate::api::Failure::from(anyhow!("encoding the exec answer: {e}"))
+                    .into_response();
+            }
+        };
+        drop(self.response);
+        // The body owns the budget: it is given back once hyper drops the body,
+        // that is after the last byte was written (or the client went away).
+        let held = self.held;
+        let body =
+            futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes::Bytes::from(json))])
+                .map(move |chunk| {
+                    let _ = &held;
+                    chunk
+                });
+        (
+            [(header::CONTENT_TYPE, "application/json")],
+            Body::from_stream(body),
+        )
+            .into_response()
+    }
+}
 
 fn bad(m: impl Into<String>) -> anyhow::Error {
     BoxError::new("bad_request", m).into()
@@ -56,8 +230,9 @@ fn check_env(env: &std::collections::BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
-/// Run a command to completion (`POST /api/boxes/{id}/exec`).
-pub async fn exec_once(sock: &Path, req: ExecRequest) -> Result<ExecResponse> {
+/// Run a command to completion (`POST /api/boxes/{id}/exec`), keeping what
+/// `capture` allows of its output.
+pub async fn exec_once(sock: &Path, req: ExecRequest, capture: &Capture) -> Result<ExecOutcome> {
     if req.command.is_empty() || req.command[0].is_empty() {
         return Err(bad("command must name a program"));
     }
@@ -70,6 +245,11 @@ pub async fn exec_once(sock: &Path, req: ExecRequest) -> Result<ExecResponse> {
         .map(Duration::from_secs)
         .unwrap_or(MAX_TIMEOUT)
         .min(MAX_TIMEOUT);
+    let limit = req.max_output_bytes.map_or(capture.max_output_bytes, |m| {
+        usize::try_from(m)
+            .unwrap_or(usize::MAX)
+            .min(capture.max_output_bytes)
+    });
     let spec = ExecSpec {
         command: req.command,
         env: req.env,
@@ -101,8 +281,19 @@ pub async fn exec_once(sock: &Path, req: ExecRequest) -> Result<ExecResponse> {
         }
         anyhow::Ok(())
     });
-    let mut out = Vec::new();
-    let mut err = Vec::new();
+    let mut held = Held {
+        budget: capture.budget.clone(),
+        bytes: 0,
+    };
+    let mut out = Sink {
+        limit,
+        ..Sink::default()
+    };
+    let mut err = Sink {
+        limit,
+        ..Sink::default()
+    };
+    let mut budget_ran_out = false;
     let mut timed_out = false;
     let deadline = tokio::time::Instant::now() + timeout;
     let code = loop {
@@ -127,16 +318,8 @@ pub async fn exec_once(sock: &Path, req: ExecRequest) -> Result<ExecResponse> {
             }
         };
         match frame? {
-            Some(Frame::Data(ipc::STDOUT, d)) => {
-                if out.len() < MAX_CAPTURE {
-                    out.extend_from_slice(&d[..d.len().min(MAX_CAPTURE - out.len())]);
-                }
-            }
-            Some(Frame::Data(ipc::STDERR, d)) => {
-                if err.len() < MAX_CAPTURE {
-                    err.extend_from_slice(&d[..d.len().min(MAX_CAPTURE - err.len())]);
-                }
-            }
+            Some(Frame::Data(ipc::STDOUT, d)) => budget_ran_out |= out.push(&d, &mut held),
+            Some(Frame::Data(ipc::STDERR, d)) => budget_ran_out |= err.push(&d, &mut held),
             Some(Frame::Data(..)) => {}
             Some(Frame::Json(j)) => match ipc::parse::<ShimMessage>(&j)? {
                 ShimMessage::Exit { code } => break code,
@@ -148,11 +331,16 @@ pub async fn exec_once(sock: &Path, req: ExecRequest) -> Result<ExecResponse> {
     };
     drop(ctl_tx);
     writer.abort();
-    Ok(ExecResponse {
-        exit_code: code,
-        stdout: String::from_utf8_lossy(&out).into_owned(),
-        stderr: String::from_utf8_lossy(&err).into_owned(),
-        timed_out,
+    if budget_ran_out {
+        tracing::warn!(
+            held = held.bytes,
+            available = capture.available(),
+            "the runner's exec output budget ran out: output of a one-shot exec was dropped"
+        );
+    }
+    Ok(ExecOutcome {
+        response: ExecResponse::from_output(code, out.kept, err.kept, timed_out),
+        held,
     })
 }
 
@@ -315,6 +503,84 @@ async fn serve_ws_inner(ws: &mut WebSocket, sock: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn capture(max: u64, budget: u64) -> Capture {
+        Capture::new(
+            ExecLimits {
+                max_output_bytes: max,
+                output_budget_bytes: budget,
+            }
+            .checked()
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_stream_keeps_an_exact_prefix_within_its_limit() {
+        let c = capture(10, 100);
+        let mut held = Held {
+            budget: c.budget.clone(),
+            bytes: 0,
+        };
+        let mut s = Sink {
+            limit: 10,
+            ..Sink::default()
+        };
+        assert!(!s.push(b"0123", &mut held));
+        assert!(!s.kept.truncated);
+        assert!(!s.push(b"456789", &mut held));
+        assert!(!s.kept.truncated, "exactly the limit is not truncated");
+        assert!(!s.push(b"x", &mut held));
+        assert!(s.kept.truncated);
+        assert_eq!(s.kept.bytes, b"0123456789");
+        assert_eq!(c.available(), 90);
+        drop(held);
+        assert_eq!(c.available(), 100, "the budget comes back");
+    }
+
+    #[test]
+    fn the_budget_is_shared_and_a_starved_stream_keeps_nothing_after_a_gap() {
+        let c = capture(10, 15);
+        let mut a = Held {
+            budget: c.budget.clone(),
+            bytes: 0,
+        };
+        let mut b = Held {
+            budget: c.budget.clone(),
+            bytes: 0,
+        };
+        let (mut sa, mut sb) = (
+            Sink {
+                limit: 10,
+                ..Sink::default()
+            },
+            Sink {
+                limit: 10,
+                ..Sink::default()
+            },
+        );
+        assert!(!sa.push(b"aaaaaaaaaa", &mut a));
+        assert!(sb.push(b"bbbbbbbb", &mut b), "the budget ran out");
+        assert_eq!(sb.kept.bytes, b"bbbbb");
+        assert!(sb.kept.truncated);
+        drop(a);
+        // Budget is free again, but b lost bytes: it keeps nothing after the gap.
+        assert!(!sb.push(b"more", &mut b));
+        assert_eq!(sb.kept.bytes, b"bbbbb");
+        assert_eq!(c.available(), 10);
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        assert!(ExecLimits::default().checked().is_ok());
+        for (max, budget) in [(0, 10), (10, 5), (MAX_OUTPUT_BYTES_LIMIT + 1, u64::MAX)] {
+            let l = ExecLimits {
+                max_output_bytes: max,
+                output_budget_bytes: budget,
+            };
+            assert!(l.checked().is_err(), "{l:?}");
+        }
+    }
 
     #[test]
     fn signal_names() {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{Options, Runner, Ws};
-use protocol::{ExecControl, ExecRequest, ExecStart};
+use protocol::{ExecControl, ExecRequest, ExecResponse, ExecStart, OutputEncoding};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_shot_exec_streams_codes_stdin_env_cwd_and_timeout() {
@@ -25,6 +25,7 @@ async fn one_shot_exec_streams_codes_stdin_env_cwd_and_timeout() {
                 cwd: Some("/tmp".into()),
                 stdin: Some("from-stdin\n".into()),
                 timeout_secs: None,
+                max_output_bytes: None,
             },
         )
         .await;
@@ -59,11 +60,12 @@ async fn one_shot_exec_streams_codes_stdin_env_cwd_and_timeout() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (ps, _) = r.sh(id, "ps -o args | grep -c '^sleep 100'").await;
     assert_eq!(ps.trim(), "0", "children of a timed-out exec are killed");
-    // Large output arrives whole.
+    // Large output within the limit (1 MiB by default) arrives whole.
     let res = r
-        .exec(id, &["sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' a"])
+        .exec(id, &["sh", "-c", "head -c 1000000 /dev/zero | tr '\\0' a"])
         .await;
-    assert_eq!(res.stdout.len(), 3_000_000);
+    assert_eq!(res.stdout.len(), 1_000_000);
+    assert!(!res.stdout_truncated);
     // Hostile input is refused cleanly.
     let client = reqwest::Client::new();
     for body in [
@@ -103,6 +105,137 @@ async fn one_shot_exec_streams_codes_stdin_env_cwd_and_timeout() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 404);
+}
+
+const MIB: usize = 1 << 20;
+
+/// The bytes the pattern file holds: 0, 1, …, 255, 0, 1, …
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 256) as u8).collect()
+}
+
+/// Write `/root/p`: 1 MiB of [`pattern`] (binary: NULs, control bytes, invalid UTF-8).
+async fn make_pattern_file(r: &Runner, id: uuid::Uuid) {
+    let (out, code) = r
+        .sh(
+            id,
+            r#"i=0; f=''; while [ $i -lt 256 ]; do f="$f$(printf '\\%03o' $i)"; i=$((i+1)); done
+               printf "$f" > /root/p
+               for k in 1 2 3 4 5 6 7 8 9 10 11 12; do cat /root/p /root/p > /root/q && mv /root/q /root/p; done
+               wc -c < /root/p"#,
+        )
+        .await;
+    assert_eq!((out.trim(), code), ("1048576", 0));
+}
+
+/// A one-shot exec of `script`; the answer's size on the wire and the answer.
+async fn exec_sized(
+    r: &Runner,
+    id: uuid::Uuid,
+    script: &str,
+    max: Option<u64>,
+) -> (usize, ExecResponse) {
+    let req = ExecRequest {
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        max_output_bytes: max,
+        ..Default::default()
+    };
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/boxes/{id}/exec", r.url()))
+        .bearer_auth(common::KEY)
+        .json(&req)
+        .timeout(Duration::from_secs(300))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let body = resp.bytes().await.unwrap();
+    (body.len(), serde_json::from_slice(&body).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shot_output_is_capped_exact_and_never_blown_up() {
+    let r = Runner::start(Options::default()).await;
+    let id = r.create_box(128, false).await;
+    make_pattern_file(&r, id).await;
+    // 50 MiB of binary: the answer holds exactly the first MiB (the default
+    // limit), as base64, marked truncated; the rest was read and dropped, so
+    // the writer was never blocked and ran to its end.
+    let flood = "i=0; while [ $i -lt 50 ]; do cat /root/p; i=$((i+1)); done; echo done >&2";
+    let (size, res) = exec_sized(&r, id, flood, None).await;
+    assert!(
+        size as u64 <= (MIB as u64).div_ceil(3) * 4 + 1024,
+        "answer of {size} bytes for 1 MiB of output"
+    );
+    assert_eq!(res.exit_code, 0, "{}", res.stderr);
+    assert_eq!(
+        (res.stderr.as_str(), res.stderr_truncated),
+        ("done\n", false)
+    );
+    assert!(res.stdout_truncated);
+    assert_eq!(res.stdout_encoding, OutputEncoding::Base64);
+    assert!(
+        res.stdout_bytes().unwrap() == pattern(MIB),
+        "the first MiB, byte-exact"
+    );
+    // A caller may ask for less.
+    let (size, res) = exec_sized(&r, id, "cat /root/p", Some(1000)).await;
+    assert!(size < 2000, "{size}");
+    assert!(res.stdout_truncated);
+    assert_eq!(res.stdout_bytes().unwrap(), pattern(1000));
+    // Not more than the runner's limit, though.
+    let (_, res) = exec_sized(&r, id, "cat /root/p /root/p", Some(10 * MIB as u64)).await;
+    assert_eq!(res.stdout_bytes().unwrap().len(), MIB);
+    // Exactly the limit is not truncated.
+    let (_, res) = exec_sized(&r, id, "cat /root/p", None).await;
+    assert!(!res.stdout_truncated && res.stdout_bytes().unwrap() == pattern(MIB));
+    // Text stays text, cut at the limit.
+    let (size, res) = exec_sized(&r, id, "head -c 3000000 /dev/zero | tr '\\0' a", None).await;
+    assert_eq!(res.stdout_encoding, OutputEncoding::Utf8);
+    assert!(res.stdout_truncated && res.stdout == "a".repeat(MIB));
+    assert!(size < MIB + 1024, "{size}");
+    // UTF-8 that JSON would blow up sixfold (control bytes) goes as base64.
+    let (size, res) = exec_sized(&r, id, "head -c 300000 /dev/zero | tr '\\0' '\\1'", None).await;
+    assert_eq!(res.stdout_encoding, OutputEncoding::Base64);
+    assert_eq!(res.stdout_bytes().unwrap(), vec![1u8; 300_000]);
+    assert!(size <= 400_000 + 1024, "{size}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_holds_a_bounded_budget_of_exec_output() {
+    // Each exec may keep 1 MiB per stream; all together 1.5 MiB.
+    let r = Runner::start(Options {
+        extra: "[exec]\nmax_output_bytes = 1048576\noutput_budget_bytes = 1572864\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let id = r.create_box(128, false).await;
+    make_pattern_file(&r, id).await;
+    // Two execs that each write 2 MiB and hold it while they sleep.
+    let greedy = "cat /root/p /root/p; sleep 3";
+    let (a, b) = tokio::join!(
+        exec_sized(&r, id, greedy, None),
+        exec_sized(&r, id, greedy, None)
+    );
+    let (a, b) = (a.1, b.1);
+    let (ka, kb) = (a.stdout_bytes().unwrap(), b.stdout_bytes().unwrap());
+    assert_eq!((a.exit_code, b.exit_code), (0, 0));
+    assert!(a.stdout_truncated && b.stdout_truncated);
+    assert_eq!(
+        ka.len() + kb.len(),
+        1_572_864,
+        "together they kept exactly the budget ({} + {})",
+        ka.len(),
+        kb.len()
+    );
+    assert!(
+        ka == pattern(ka.len()) && kb == pattern(kb.len()),
+        "each an exact prefix"
+    );
+    // Once their answers were sent, the budget is whole again.
+    let (_, c) = exec_sized(&r, id, "cat /root/p /root/p", None).await;
+    assert_eq!(c.stdout_bytes().unwrap(), pattern(MIB));
+    assert!(r.log_text().contains("exec output budget ran out"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -125,6 +125,39 @@ fn platform_lifecycle_on_the_local_target() {
         assert_eq!(box_exec(&stage, &id, "exit 3").0, 3);
         stage.ok(&["box", "rm", "--stage", "dev", &id]);
     }
+    // Output is bytes, not text: bytes that are not UTF-8 arrive exact, over
+    // the WebSocket (`box exec`) and from a one-shot exec through the typed
+    // client; 50 MiB of it is cut to the first MiB and marked truncated.
+    let binary = r"printf '\377\000\001\342\202'";
+    let raw = stage.boxctl(&[
+        "box", "exec", "--stage", "dev", &ids[0], "--", "sh", "-c", binary,
+    ]);
+    assert_eq!(raw.stdout, b"\xff\x00\x01\xe2\x82");
+    let client = deployer::platform::client::Client::new(
+        &control_plane,
+        deployer::platform::client::ApiKey::new(stage.admin_key()),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let box_id: uuid::Uuid = ids[0].parse().unwrap();
+    let run = |script: &str| {
+        rt.block_on(client.exec(
+            box_id,
+            &protocol::ExecRequest {
+                command: vec!["sh".into(), "-c".into(), script.into()],
+                ..Default::default()
+            },
+        ))
+        .unwrap()
+    };
+    let res = run(binary);
+    assert_eq!(res.stdout_encoding, protocol::OutputEncoding::Base64);
+    assert_eq!(res.stdout_bytes().unwrap(), b"\xff\x00\x01\xe2\x82");
+    let res = run("head -c 52428800 /dev/urandom; echo done >&2");
+    assert_eq!((res.exit_code, res.stderr.as_str()), (0, "done\n"));
+    assert!(res.stdout_truncated);
+    assert_eq!(res.stdout_bytes().unwrap().len(), 1 << 20);
+    drop(rt);
+
     let listed = stage.ok(&["box", "list", "--stage", "dev"]);
     for id in &ids {
         assert!(listed.contains(id.as_str()), "{listed}");

@@ -112,8 +112,7 @@ async fn exec_box(
     Path(id): Path<Uuid>,
     Json(req): Json<ExecRequest>,
 ) -> Result<Json<ExecResponse>> {
-    let ep = exec_proxy::resolve(&s, m.organization_id, id).await?;
-    Ok(Json(exec_proxy::exec(&s, &ep, id, &req).await?))
+    Ok(Json(exec_proxy::run(&s, &m, id, &req).await?))
 }
 
 async fn exec_ws(
@@ -126,7 +125,10 @@ async fn exec_ws(
     let ws = ws.map_err(|r| Error::bad_request("websocket_required", r.body_text()))?;
     let runner = exec_proxy::connect_ws(&s, &ep, id).await?;
     let shutdown = s.shutdown.clone();
-    Ok(ws.on_upgrade(move |socket| exec_proxy::relay(socket, runner, shutdown, id)))
+    Ok(ws
+        .max_message_size(MAX_WS_MESSAGE_BYTES)
+        .max_frame_size(MAX_WS_MESSAGE_BYTES)
+        .on_upgrade(move |socket| exec_proxy::relay(socket, runner, shutdown, id)))
 }
 
 async fn list_keys(State(s): State<AppState>, Caller(m): Caller) -> Result<Json<Vec<ApiKeyInfo>>> {
@@ -347,9 +349,16 @@ pub fn routes() -> Vec<Route> {
             .op("exec_box", "boxes", "Run a command in a box and wait for it")
             .path_param::<Uuid>("id", BOX_ID)
             .body::<ExecRequest>()
+            .describe(
+                "Each of stdout and stderr holds at most `exec_max_output_bytes` of the control plane's \
+                 configuration (1 MiB by default), or `max_output_bytes` when smaller: exactly the first bytes \
+                 the process wrote, as text or base64 (`*_encoding`), `*_truncated` when it wrote more. \
+                 An organization runs at most `exec_max_concurrent_per_org` of these at once.",
+            )
             .ok::<ExecResponse>(200, "The command ended (or timed out).")
             .err(409, "The box is not running (`box_not_running`).")
-            .err(502, "The runner failed or cannot be reached (`runner_error`, `runner_unreachable`).")
+            .err(429, "The organization already runs its limit of one-shot execs (`too_many_execs`); retry after `Retry-After` seconds.")
+            .err(502, "The runner failed, cannot be reached, or answered more output than asked (`runner_error`, `runner_unreachable`, `runner_output_too_large`).")
             .err(503, "The box's runner is not responding (`runner_unavailable`).")
             .err(504, "The runner did not answer in time (`runner_timeout`)."),
         Route::new(Method::GET, "/api/boxes/{id}/exec/ws", Member, exec_ws)
@@ -358,7 +367,8 @@ pub fn routes() -> Vec<Route> {
                 "Upgrade to a WebSocket relayed to the box's runner. Send `ExecStart` as the first text frame; \
                  the server answers `ExecEvent` `started`. Then stdin goes in binary frames and `ExecControl` \
                  (resize, signal, stdin_eof) in text frames; output comes in binary frames whose first byte is \
-                 the stream (1 stdout, 2 stderr); the session ends with `ExecEvent` `exit` or `error`.",
+                 the stream (1 stdout, 2 stderr); the session ends with `ExecEvent` `exit` or `error`. \
+                 A message larger than 2 MiB, either way, ends the session.",
             )
             .path_param::<Uuid>("id", BOX_ID)
             .status(101, "Switching to the WebSocket protocol.")

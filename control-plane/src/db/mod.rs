@@ -80,6 +80,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "box egress allow-list",
         include_str!("../../migrations/0005_box_egress.sql"),
     ),
+    (
+        6,
+        "exec slots",
+        include_str!("../../migrations/0006_exec_slots.sql"),
+    ),
 ];
 
 /// Attempts of an operation that hit a serialization failure, deadlock or busy database.

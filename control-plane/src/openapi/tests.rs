@@ -310,6 +310,7 @@ fn cases(reg: &mut Registry) -> Vec<Case> {
                 cwd: Some("/".into()),
                 timeout_secs: Some(3),
                 stdin: Some("in".into()),
+                max_output_bytes: Some(10),
             },
             ExecRequest {
                 command: vec!["ls".into()],
@@ -321,15 +322,19 @@ fn cases(reg: &mut Registry) -> Vec<Case> {
             ExecResponse {
                 exit_code: -1,
                 stdout: "o".into(),
-                stderr: "e".into(),
+                stdout_encoding: OutputEncoding::Utf8,
+                stdout_truncated: true,
+                stderr: "/w==".into(),
+                stderr_encoding: OutputEncoding::Base64,
+                stderr_truncated: false,
                 timed_out: true,
             },
-            ExecResponse {
-                exit_code: 0,
-                stdout: String::new(),
-                stderr: String::new(),
-                timed_out: false,
-            },
+            ExecResponse::from_output(
+                0,
+                CapturedOutput::default(),
+                CapturedOutput::default(),
+                false,
+            ),
         ),
         case(
             reg,
@@ -633,6 +638,7 @@ fn string_enums_match_serde() {
     enum_matches_serde::<RunnerState>();
     enum_matches_serde::<HealthStatus>();
     enum_matches_serde::<AuthMethod>();
+    enum_matches_serde::<OutputEncoding>();
 }
 
 #[test]

@@ -321,6 +321,8 @@ pub struct FakeState {
     pub used_imports: Vec<String>,
     /// Import tokens presented, with the grant they matched.
     pub presented: Vec<(String, ImportGrant)>,
+    /// The last exec request received.
+    pub last_exec: Option<ExecRequest>,
 }
 
 /// What a fake runner is and knows, shared with its API handlers (which check
@@ -381,6 +383,11 @@ pub fn res(cpu: u64, mem: u64, disk: u64) -> Resources {
         memory_mib: mem,
         disk_mib: disk,
     }
+}
+
+/// `n` bytes of 0, 1, …, 255, 0, 1, … (binary: NULs, control bytes, invalid UTF-8).
+pub fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 256) as u8).collect()
 }
 
 /// The archive a fake box exports: deterministic bytes, large enough to stream.
@@ -616,8 +623,19 @@ async fn fake_exec(
     if let Some(r) = refused(&st, &headers, format!("POST /api/boxes/{id}/exec")) {
         return r;
     }
-    let delay = st.lock().unwrap().exec_delay;
+    let delay = {
+        let mut s = st.lock().unwrap();
+        s.last_exec = Some(req.clone());
+        s.exec_delay
+    };
     tokio::time::sleep(delay).await;
+    // `sleep SECS` takes that long; `bytes N` writes N bytes of 0, 1, …, 255,
+    // 0, … (kept up to `max_output_bytes`, like the runner); `flood N` writes
+    // N bytes and ignores `max_output_bytes` (like a runner that predates it).
+    let arg = |i: usize| -> u64 { req.command.get(i).and_then(|a| a.parse().ok()).unwrap_or(0) };
+    if req.command[0] == "sleep" {
+        tokio::time::sleep(Duration::from_secs(arg(1))).await;
+    }
     let s = st.lock().unwrap();
     match s.boxes.get(&id) {
         None => (
@@ -630,12 +648,43 @@ async fn fake_exec(
             axum::Json(ApiError::new("not_running", "stopped")),
         )
             .into_response(),
-        Some(_) => axum::Json(ExecResponse {
-            exit_code: if req.command[0] == "false" { 1 } else { 0 },
-            stdout: format!("{}{}", req.command.join(" "), req.stdin.unwrap_or_default()),
-            stderr: serde_json::to_string(&req.env).unwrap(),
-            timed_out: false,
-        })
+        Some(_) if req.command[0] == "bytes" => {
+            let n = arg(1);
+            let kept = n.min(req.max_output_bytes.unwrap_or(u64::MAX));
+            axum::Json(ExecResponse::from_output(
+                0,
+                CapturedOutput {
+                    bytes: pattern(kept as usize),
+                    truncated: kept < n,
+                },
+                CapturedOutput::default(),
+                false,
+            ))
+            .into_response()
+        }
+        Some(_) if req.command[0] == "flood" => axum::Json(ExecResponse::from_output(
+            0,
+            CapturedOutput {
+                bytes: vec![b'a'; arg(1) as usize],
+                truncated: false,
+            },
+            CapturedOutput::default(),
+            false,
+        ))
+        .into_response(),
+        Some(_) => axum::Json(ExecResponse::from_output(
+            if req.command[0] == "false" { 1 } else { 0 },
+            CapturedOutput {
+                bytes: format!("{}{}", req.command.join(" "), req.stdin.unwrap_or_default())
+                    .into_bytes(),
+                truncated: false,
+            },
+            CapturedOutput {
+                bytes: serde_json::to_vec(&req.env).unwrap(),
+                truncated: false,
+            },
+            false,
+        ))
         .into_response(),
     }
 }
@@ -661,6 +710,7 @@ async fn fake_ws(
 
 /// Echo session: stdin comes back as stdout, resizes are reported on
 /// stderr, `stdin_eof` ends with exit code 0 (3 after a TERM signal).
+/// Command `flood N` sends one output message of N bytes instead.
 async fn fake_session(mut ws: WebSocket) {
     let Some(Ok(Message::Text(first))) = ws.recv().await else {
         return;
@@ -685,6 +735,19 @@ async fn fake_session(mut ws: WebSocket) {
             serde_json::to_string(&started).unwrap().into(),
         ))
         .await;
+    // `flood N`: one output message of N bytes, then exit 0.
+    if let [cmd, n] = start.command.as_slice()
+        && cmd == "flood"
+    {
+        let mut out = vec![STDOUT];
+        out.resize(n.parse::<usize>().unwrap_or(0) + 1, b'a');
+        let _ = ws.send(Message::Binary(Bytes::from(out))).await;
+        let ev = ExecEvent::Exit { code: 0 };
+        let _ = ws
+            .send(Message::Text(serde_json::to_string(&ev).unwrap().into()))
+            .await;
+        return;
+    }
     let mut code = 0;
     while let Some(Ok(m)) = ws.recv().await {
         match m {

@@ -375,7 +375,8 @@ async fn interactive(c: &Client, id: Uuid, mut start: ExecStart) -> anyhow::Resu
     let mut code: Option<i32> = None;
     while let Some(msg) = rx.next().await {
         let msg = msg.context("the session broke")?;
-        tracing::debug!(frame = ?msg, "exec session frame");
+        // Its length only: output frames hold up to 1 MiB of the box's bytes.
+        tracing::debug!(len = msg.len(), text = msg.is_text(), "exec session frame");
         match msg {
             Message::Binary(data) => {
                 let (tag, bytes) = data.split_first().map_or((0, &[][..]), |(t, b)| (*t, b));

@@ -306,7 +306,9 @@ impl Client {
         .await
     }
 
-    /// Run a command in a box and wait for it.
+    /// Run a command in a box and wait for it. The answer's streams hold the
+    /// first bytes the process wrote, as text or base64: read them with
+    /// [`ExecResponse::stdout_bytes`] and [`ExecResponse::stderr_bytes`].
     pub async fn exec(&self, id: Uuid, req: &ExecRequest) -> Result<ExecResponse, ClientError> {
         self.send(
             reqwest::Method::POST,

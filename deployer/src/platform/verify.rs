@@ -109,13 +109,12 @@ pub async fn smoke(client: &Client, timeout: Duration) -> anyhow::Result<Duratio
             )
             .await
             .context("smoke check: running a command")?;
-        if out.exit_code != 0 || out.stdout.trim() != "boxlite-smoke-42" {
+        let (stdout, stderr) = (out.stdout_lossy(), out.stderr_lossy());
+        if out.exit_code != 0 || stdout.trim() != "boxlite-smoke-42" {
             bail!(
-                "smoke check: the command in box {} answered exit {} with {:?} (stderr {:?})",
+                "smoke check: the command in box {} answered exit {} with {stdout:?} (stderr {stderr:?})",
                 b.id,
                 out.exit_code,
-                out.stdout,
-                out.stderr
             );
         }
         anyhow::Ok(())
