@@ -73,6 +73,61 @@ async fn box_cannot_read_host_files_outside_its_root() {
         )
         .await;
     assert!(!out.contains("rc=0"), "{out}");
+    // No device nodes, no kernel knobs, no nested user namespaces even past seccomp's back.
+    let (out, _) = r
+        .sh(
+            id,
+            "mknod /tmp/sda b 8 0 2>&1; echo rc=$?; mknod /tmp/mem c 1 1 2>&1; echo rc=$?; \
+             echo 1 > /proc/sys/kernel/sysrq 2>&1; echo rc=$?; echo 1 > /proc/sys/vm/drop_caches 2>&1; echo rc=$?; \
+             cat /proc/sys/user/max_user_namespaces",
+        )
+        .await;
+    assert_eq!(out.matches("rc=").count(), 4, "{out}");
+    assert!(!out.contains("rc=0"), "{out}");
+    assert!(
+        out.trim_end().ends_with('0'),
+        "nested user namespaces capped at 0: {out}"
+    );
+}
+
+/// Finding 5: a box process cannot hold more than its share of the host's file table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn box_processes_have_bounded_open_files_and_no_core_dumps() {
+    let mut r = Runner::start(Options {
+        extra: "nofile_per_process = 1000\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let probe = common::build_static(work.path(), "probe", common::PROBE_SOURCE);
+    let layout = work.path().join("probe.tar");
+    common::busybox_image_with(&layout, &[("probe", std::fs::read(&probe).unwrap(), 0o755)]);
+    r.import_image("probe", &layout).await;
+    let mut s = common::spec(uuid::Uuid::new_v4(), 128, false);
+    s.image = "probe".into();
+    let id = s.id;
+    r.try_create(s).await.unwrap();
+    let (out, _) = r.sh(id, "/probe nofile; grep -E 'open files|core file' /proc/self/limits; ulimit -n 5000 2>&1; echo rc=$?").await;
+    assert!(out.contains("nofile=997 "), "0, 1, 2 and 997 more: {out}");
+    assert!(out.contains("Too many open files"), "{out}");
+    let limits: Vec<Vec<&str>> = out
+        .lines()
+        .filter(|l| l.starts_with("Max "))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert!(
+        limits
+            .iter()
+            .any(|l| l[..3] == ["Max", "open", "files"] && l[3] == "1000" && l[4] == "1000"),
+        "{out}"
+    );
+    assert!(
+        limits
+            .iter()
+            .any(|l| l[..4] == ["Max", "core", "file", "size"] && l[4] == "1" && l[5] == "1"),
+        "{out}"
+    );
+    assert!(!out.contains("rc=0"), "raising the limit: {out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
