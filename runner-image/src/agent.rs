@@ -54,6 +54,7 @@ pub struct Agent {
     retiring: AtomicBool,
     wake: Notify,
     args: Vec<OsString>,
+    listen_fd: std::os::fd::RawFd,
 }
 
 /// How this process is supervised (systemd service or not).
@@ -186,18 +187,90 @@ impl Agent {
     }
 
     /// Replace this process with `path`, same pid and arguments. Returns only if exec failed.
+    /// The API's listening socket goes along (its descriptor kept open and
+    /// named in the environment), so the port is never closed meanwhile.
     pub fn reexec(&self, path: PathBuf) {
         use std::os::unix::process::CommandExt;
         tracing::info!("re-executing {}", path.display());
+        let fd = self.listen_fd;
+        let _ = sys::set_cloexec(fd, false);
         let err = std::process::Command::new(&path)
             .args(self.args.iter().skip(1))
             .env_remove(crate::upgrade::EXEC_HOPS_ENV)
+            .env(LISTEN_FD_ENV, fd.to_string())
+            .env(LISTEN_PID_ENV, std::process::id().to_string())
             .exec();
+        let _ = sys::set_cloexec(fd, true);
         tracing::error!(
             "re-exec of {} failed: {err}; still running the old binary",
             path.display()
         );
     }
+}
+
+/// The descriptor of the API socket a re-exec hands to the new image.
+pub const LISTEN_FD_ENV: &str = "BOXLITE_RUNNER_LISTEN_FD";
+/// The pid that descriptor was handed to (the same across exec).
+pub const LISTEN_PID_ENV: &str = "BOXLITE_RUNNER_LISTEN_PID";
+
+/// The API's listening socket: the one systemd passes (socket activation,
+/// `LISTEN_FDS`), or the one a re-exec of this process handed over, when it
+/// listens on the configured port; else a new one. Either way, no moment
+/// exists in a restart where the port is closed for a process to take.
+pub fn api_listener(addr: std::net::SocketAddr) -> Result<std::net::TcpListener> {
+    let me = std::process::id().to_string();
+    let env = |k: &str| std::env::var(k).ok();
+    let inherited = if env("LISTEN_PID").as_deref() == Some(me.as_str())
+        && env("LISTEN_FDS")
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0)
+            >= 1
+    {
+        Some((3, "systemd"))
+    } else if env(LISTEN_PID_ENV).as_deref() == Some(me.as_str()) {
+        env(LISTEN_FD_ENV)
+            .and_then(|f| f.parse::<std::os::fd::RawFd>().ok())
+            .filter(|f| *f >= 3)
+            .map(|f| (f, "the previous image"))
+    } else {
+        None
+    };
+    if let Some((fd, from)) = inherited {
+        let mut listening: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt into a c_int of the size passed.
+        let ok = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_ACCEPTCONN,
+                (&mut listening as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        } == 0
+            && listening == 1;
+        if ok {
+            let _ = sys::set_cloexec(fd, true);
+            // SAFETY: a listening socket this process was given and nothing else owns.
+            let l = unsafe { <std::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            match l.local_addr() {
+                Ok(a) if a.port() == addr.port() => {
+                    l.set_nonblocking(true)?;
+                    tracing::info!(listen = %a, "serving on the API socket from {from}");
+                    return Ok(l);
+                }
+                Ok(a) => tracing::warn!(
+                    "the API socket from {from} listens on {a}, not {addr}; opening {addr}"
+                ),
+                Err(e) => tracing::warn!("the API socket from {from}: {e}"),
+            }
+        } else {
+            tracing::warn!("descriptor {fd} from {from} is not a listening socket; ignoring it");
+        }
+    }
+    let l = std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
 }
 
 /// Egress networking for boxes (see [`crate::network`]); an error leaves the
@@ -286,9 +359,7 @@ pub async fn run(config: Config) -> Result<()> {
         .ok()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty());
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listening on {}", config.listen))?;
+    let listener = tokio::net::TcpListener::from_std(api_listener(config.listen)?)?;
     let agent = Arc::new(Agent {
         config: config.clone(),
         boxes,
@@ -306,6 +377,7 @@ pub async fn run(config: Config) -> Result<()> {
         retiring: AtomicBool::new(false),
         wake: Notify::new(),
         args: std::env::args_os().collect(),
+        listen_fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
     });
     // The binary's identity: from the release's checksum file, else hashed in the background.
     {

@@ -455,3 +455,75 @@ async fn a_captured_key_is_useless_once_the_agent_restarts() {
     assert_eq!(sync("cp-key-2").await, 401);
     assert_eq!(sync("cp-key-3").await, 202);
 }
+
+/// The inode of the socket listening on `port` that process `pid` holds.
+fn listening_inode(pid: u32, port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let want = format!(":{port:04X}");
+    let inode = table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1)?.ends_with(&want) && f.get(3)? == &"0A").then(|| f.get(9)?.parse::<u64>().ok())?
+    })?;
+    let held = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .any(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|t| t.to_string_lossy() == format!("socket:[{inode}]"))
+        });
+    held.then_some(inode)
+}
+
+/// Issue 12: the runner's API port is never closed while the agent
+/// re-executes (how it restarts without a service manager): the new image
+/// serves on the very socket the old one listened on, so no connection is
+/// refused meanwhile and no other process can take the port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_socket_survives_a_reexec() {
+    let mut r = Runner::start(Options::default()).await;
+    let pid = r.pid();
+    let before = listening_inode(pid, r.port).expect("the agent holds its listening socket");
+    let port = r.port;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut refused) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                    Ok(_) => ok += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+                    Err(_) => {}
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (ok, refused)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    r.admin(AdminRequest::Reexec).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !r
+        .log_text()
+        .contains("serving on the API socket from the previous image")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no re-exec:\n{}",
+            r.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    r.wait_healthy(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, refused) = hammer.join().unwrap();
+    assert_eq!(r.pid(), pid);
+    assert_eq!(
+        listening_inode(pid, r.port),
+        Some(before),
+        "the same socket"
+    );
+    assert!(ok > 50, "{ok} connections");
+    assert_eq!(refused, 0, "connections refused during the re-exec");
+}

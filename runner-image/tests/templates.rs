@@ -25,7 +25,7 @@ const SLICE: Template = tpl!("runner/boxlite.slice");
 const PROFILE: Template = tpl!("runner/bwrap-userns-restrict");
 const CONFIG: Template = tpl!("runner/runner.toml");
 const BOOTSTRAP: Template = tpl!("runner/bootstrap.sh");
-const EGRESS: Template = tpl!("runner/box-egress.nft");
+const SOCKET: Template = tpl!("runner/boxlite-runner.socket");
 
 /// Every variable the runner templates use, with sample values.
 fn vars() -> BTreeMap<&'static str, String> {
@@ -104,7 +104,7 @@ fn cloud_init_is_valid_and_carries_exact_copies_of_the_files() {
         ("/etc/systemd/system/boxlite-runner.service", &UNIT),
         ("/etc/boxlite/runner.toml", &CONFIG),
         ("/usr/local/lib/boxlite/bootstrap.sh", &BOOTSTRAP),
-        ("/etc/boxlite/box-egress.nft", &EGRESS),
+        ("/etc/systemd/system/boxlite-runner.socket", &SOCKET),
     ] {
         assert_eq!(
             written_file(&ci, path),
@@ -113,7 +113,13 @@ fn cloud_init_is_valid_and_carries_exact_copies_of_the_files() {
             t.name
         );
     }
-    for pkg in ["bubblewrap", "busybox-static", "nftables"] {
+    for pkg in [
+        "bubblewrap",
+        "busybox-static",
+        "nftables",
+        "iproute2",
+        "e2fsprogs",
+    ] {
         assert!(ci.contains(&format!("  - {pkg}\n")), "{pkg} not installed");
     }
     // The host-wide user namespace restriction stays on.
@@ -123,25 +129,28 @@ fn cloud_init_is_valid_and_carries_exact_copies_of_the_files() {
     assert!(ci.contains("runcmd:\n  - [/usr/local/lib/boxlite/bootstrap.sh]"));
 }
 
-/// Networked boxes share the host's network namespace: the firewall keeps
-/// the box uid away from the instance metadata service (the host's credentials).
+/// The runner API's socket is systemd's, so an agent restart or upgrade
+/// never leaves the port closed (or free for anyone else to bind), and the
+/// bootstrap checks the tools box isolation needs before starting anything.
 #[test]
-fn boxes_are_kept_from_the_instance_metadata_service() {
-    let nft = render(&EGRESS);
-    let uid = runner_image::config::DEFAULT_BOX_UID;
+fn the_api_socket_outlives_agent_restarts_and_the_host_has_what_boxes_need() {
+    let socket = render(&SOCKET);
+    let config = runner_image::config::Config::parse(&render(&CONFIG), Path::new("/")).unwrap();
     assert!(
-        nft.contains(&format!("meta skuid {uid} ip daddr 169.254.169.254 reject")),
-        "{nft}"
+        socket.contains(&format!("ListenStream={}", config.listen)),
+        "the socket listens where runner.toml says: {socket}"
     );
-    assert!(
-        nft.contains(&format!("meta skuid {uid} ip6 daddr fd00:ec2::254 reject")),
-        "{nft}"
-    );
-    assert!(nft.contains("hook output"));
+    let unit = render(&UNIT);
+    assert!(unit.contains("Requires=boxlite-runner.socket"), "{unit}");
     let b = render(&BOOTSTRAP);
-    assert!(b.contains("nft -f /etc/boxlite/box-egress.nft"));
-    // Loaded before the runner (and its boxes) start.
-    assert!(b.find("nft -f").unwrap() < b.find("systemctl enable --now boxlite-runner").unwrap());
+    for t in ["ip", "nft", "mkfs.ext4", "e2fsck", "/dev/loop-control"] {
+        assert!(b.contains(t), "{t} not checked");
+    }
+    let check = b.find("for t in ip nft").unwrap();
+    let start = b.find("systemctl enable --now boxlite-runner.socket boxlite-runner.service");
+    assert!(start.is_some_and(|s| check < s), "{b}");
+    // Nothing of the old shared-network firewall is left.
+    assert!(!render(&CLOUD_INIT).contains("skuid"));
 }
 
 #[test]
@@ -150,7 +159,7 @@ fn bootstrap_checks_the_artifact_before_installing_it() {
     let check = b.find("sha256sum -c").expect("checksum check");
     let install = b.find("install -D -m 0755").expect("install");
     let start = b
-        .find("systemctl enable --now boxlite-runner.service")
+        .find("systemctl enable --now boxlite-runner.socket boxlite-runner.service")
         .unwrap();
     assert!(check < install && install < start);
     assert!(b.starts_with("#!/bin/bash\n"));
@@ -213,7 +222,16 @@ fn systemd_units_verify_and_restarts_spare_the_boxes() {
     .unwrap();
     std::fs::write(r.join("etc/systemd/system/boxlite-runner.service"), &unit).unwrap();
     std::fs::write(r.join("etc/systemd/system/boxlite.slice"), &slice).unwrap();
-    for u in ["boxlite-runner.service", "boxlite.slice"] {
+    std::fs::write(
+        r.join("etc/systemd/system/boxlite-runner.socket"),
+        render(&SOCKET),
+    )
+    .unwrap();
+    for u in [
+        "boxlite-runner.service",
+        "boxlite.slice",
+        "boxlite-runner.socket",
+    ] {
         let out = Command::new("systemd-analyze")
             .arg(format!("--root={}", r.display()))
             .args(["verify", &format!("/etc/systemd/system/{u}")])

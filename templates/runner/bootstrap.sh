@@ -19,11 +19,11 @@ apparmor_parser -r -W /etc/apparmor.d/bwrap-userns-restrict || fail "loading the
 restrict="$(sysctl -n kernel.apparmor_restrict_unprivileged_userns 2>/dev/null || echo 1)"
 [ "$restrict" = 1 ] || fail "kernel.apparmor_restrict_unprivileged_userns must stay 1"
 
-step "   boxes never reach the instance metadata service"
-grep -qF 'include "/etc/boxlite/box-egress.nft"' /etc/nftables.conf 2>/dev/null \
-  || echo 'include "/etc/boxlite/box-egress.nft"' >> /etc/nftables.conf
-nft -f /etc/boxlite/box-egress.nft || fail "loading /etc/boxlite/box-egress.nft"
-systemctl enable nftables.service
+step "   what boxes are made of: network namespaces (ip), egress rules (nft), disks (loop, mkfs.ext4)"
+for t in ip nft mkfs.ext4 e2fsck; do
+  command -v "$t" >/dev/null || fail "$t is missing (packages iproute2, nftables, e2fsprogs)"
+done
+[ -e /dev/loop-control ] || modprobe loop || fail "loop devices are not available"
 
 step "3/5 AWS CLI (artifact and token come from this stage's AWS account)"
 command -v aws >/dev/null || snap install aws-cli --classic || fail "installing the AWS CLI"
@@ -48,5 +48,5 @@ install -d -m 0700 /etc/boxlite /var/lib/boxlite
   --with-decryption --query Parameter.Value --output text > /etc/boxlite/runner-token) \
   || fail "reading the runner token from SSM {{token_parameter}}"
 systemctl daemon-reload
-systemctl enable --now boxlite-runner.service || fail "starting boxlite-runner.service"
+systemctl enable --now boxlite-runner.socket boxlite-runner.service || fail "starting boxlite-runner"
 step "done"
