@@ -1,7 +1,11 @@
 //! The escape suite: every way out of a box we know of, tried for real
-//! (bubblewrap, overlayfs, cgroups, nftables, network namespaces), each
-//! asserting it is refused. A box is really isolated.
-//! (Run as root: the agent mounts and creates cgroups.)
+//! (bubblewrap, overlayfs, cgroups, nftables, network namespaces, loop
+//! devices), each asserting it is refused. `docs/security.md` maps each
+//! layer to its test; the attacks on the platform's own surfaces live beside
+//! the code they attack: imports in `export_import.rs`, the runner's key,
+//! health and socket in `lifecycle.rs`, exec output in `exec_api.rs` and the
+//! control plane's API suite, local process identity in the deployer's
+//! local-provider tests. (Run as root: the agent mounts and creates cgroups.)
 
 mod common;
 
