@@ -4,6 +4,7 @@
 //! also carry their identity in their environment, so one found in `/proc`
 //! without a record (boxctl died right after starting it) is still recognised.
 
+pub mod host;
 pub mod process;
 pub mod registration;
 
@@ -537,6 +538,17 @@ impl Provider for LocalProvider {
     }
 
     async fn prepare(&self, graph: &mut DesiredGraph) -> Result<(), ProviderError> {
+        // Runners need bubblewrap, nftables, loop devices, ...: say so before anything changes.
+        if graph
+            .resources
+            .keys()
+            .any(|id| id.as_str().starts_with("runner/"))
+        {
+            let missing = host::missing();
+            if !missing.is_empty() {
+                return Err(hard("checking this machine", host::explain(&missing)));
+            }
+        }
         for r in graph
             .resources
             .values_mut()
