@@ -4,6 +4,7 @@
 //! also carry their identity in their environment, so one found in `/proc`
 //! without a record (boxctl died right after starting it) is still recognised.
 
+pub mod identity;
 pub mod process;
 pub mod registration;
 
