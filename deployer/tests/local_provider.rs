@@ -1,6 +1,9 @@
 //! The local provider against real processes and files: start, supervise,
-//! restart on change, recover from crashes, stop on destroy.
+//! restart on change, recover from crashes, stop on destroy; and which
+//! processes are a stage's own: never another state directory's, never one
+//! that only carries the marker.
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -21,10 +24,15 @@ struct Stage {
 
 impl Stage {
     fn new() -> Stage {
+        // Unique per test so the /proc scan of one test never sees another's processes.
+        Stage::named(&format!("t{}", uuid::Uuid::new_v4().simple()))
+    }
+
+    /// A stage of `stack` in a state directory of its own.
+    fn named(stack: &str) -> Stage {
         Stage {
             dir: tempfile::tempdir().unwrap(),
-            // Unique per test so the /proc scan of one test never sees another's processes.
-            stack: format!("t{}", uuid::Uuid::new_v4().simple()),
+            stack: stack.to_string(),
             port: testkit::free_port(),
         }
     }
@@ -125,22 +133,25 @@ impl Stage {
     }
 
     fn web_pids(&self) -> Vec<ProcId> {
-        let marker = format!("{}/dev/process/web", self.stack);
-        scan(&marker).remove(&marker).unwrap_or_default()
+        self.provider()
+            .processes(&ResourceId::from("process/web"))
+            .unwrap()
     }
 }
 
 impl Drop for Stage {
     fn drop(&mut self) {
-        for procs in scan(&format!("{}/", self.stack)).values() {
-            for p in procs {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(p.pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+        for f in scan(&format!("{}/", self.stack)) {
+            kill(f.process.pid);
         }
     }
+}
+
+fn kill(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 }
 
 fn action_of<'a>(pl: &'a Plan, id: &str) -> &'a deployer::engine::plan::Change {
@@ -523,4 +534,205 @@ async fn a_services_secret_reaches_its_environment_only_and_a_new_value_restarts
         e.to_string().contains("sentry-dsn") && e.to_string().contains("boxctl secret set"),
         "{e}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_state_dirs_with_the_same_stack_and_stage_never_touch_each_other() {
+    let a = Stage::new();
+    let b = Stage::named(&a.stack);
+    let (_, r) = a.apply(&a.graph("v1\n"), Mode::Deploy).await;
+    assert_eq!(r.status, ApplyStatus::Succeeded, "{:?}", r.failed);
+    let web_a = a.web_pids();
+    assert_eq!(web_a.len(), 1);
+
+    // B starts from nothing: A's process is not B's to adopt, restart or stop.
+    let (pl, r) = b.apply(&b.graph("v1\n"), Mode::Deploy).await;
+    assert_eq!(pl.summary.create, 4, "{:?}", pl.changes);
+    assert_eq!(r.status, ApplyStatus::Succeeded, "{:?}", r.failed);
+    assert!(web_a[0].is_alive(), "B's deploy stopped A's process");
+    let web_b = b.web_pids();
+    assert_eq!(web_b.len(), 1);
+    assert_ne!(web_b, web_a);
+    assert_eq!(a.web_pids(), web_a, "A sees only its own");
+    for s in [&a, &b] {
+        let mut g = s.graph("v1\n");
+        let (inv, pl) = s.plan(&mut g, Mode::Deploy).await;
+        assert!(!pl.has_changes(), "{:?}", pl.changes);
+        assert!(inv.duplicates.is_empty(), "{:?}", inv.duplicates);
+    }
+
+    // Destroying B stops B's process only.
+    let (_, r) = b.apply(&b.graph("v1\n"), Mode::Destroy).await;
+    assert_eq!(r.status, ApplyStatus::Succeeded, "{:?}", r.failed);
+    assert!(!web_b[0].is_alive());
+    assert!(web_a[0].is_alive(), "B's destroy stopped A's process");
+    assert!(get(a.port));
+    let mut g = a.graph("v1\n");
+    assert!(!a.plan(&mut g, Mode::Deploy).await.1.has_changes());
+}
+
+/// A daemon carrying `marker` like one boxctl starts (its own session, a
+/// minimal environment), running `program` in `cwd`, as `uid` if given.
+fn forge(program: &str, args: &[&str], marker: &str, cwd: &Path, uid: Option<u32>) -> ProcId {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
+        .current_dir(cwd)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env(MARKER, marker)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid, setgroups, setresgid and setresuid are async-signal-safe
+    // system calls; the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid()?;
+            if let Some(uid) = uid {
+                let (u, g) = (
+                    nix::unistd::Uid::from_raw(uid),
+                    nix::unistd::Gid::from_raw(uid),
+                );
+                nix::unistd::setgroups(&[])?;
+                nix::unistd::setresgid(g, g, g)?;
+                nix::unistd::setresuid(u, u, u)?;
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let id = ProcId::of(child.id() as i32).unwrap();
+    // Reaped when it is killed, so it never lingers as a zombie.
+    std::thread::spawn(move || child.wait());
+    // spawn returns during the exec, a moment before the kernel shows the
+    // new environment.
+    assert!(
+        testkit::wait_until(Duration::from_secs(5), || marker_of(id.pid).as_deref()
+            == Some(marker)),
+        "{program} never showed its marker"
+    );
+    id
+}
+
+/// The value of `MARKER` in a process's environment.
+fn marker_of(pid: i32) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let needle = format!("{MARKER}=");
+    environ
+        .split(|b| *b == 0)
+        .find_map(|v| std::str::from_utf8(v).ok()?.strip_prefix(needle.as_str()))
+        .map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_carrying_the_marker_is_not_taken_for_the_process_it_names() {
+    let s = Stage::new();
+    let g = s.graph("v1\n");
+    let (_, r) = s.apply(&g, Mode::Deploy).await;
+    assert_eq!(r.status, ApplyStatus::Succeeded, "{:?}", r.failed);
+    let real = s.web_pids()[0].clone();
+    // The exact marker, digest of the stage directory included.
+    let marker = marker_of(real.pid).unwrap();
+    kill(real.pid);
+    testkit::wait_until(Duration::from_secs(5), || !real.is_alive());
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let sleep = ["-c", "import time; time.sleep(600)"];
+    let mut forgeries = vec![
+        // The program, in the stage directory, but working elsewhere.
+        (
+            "another working directory",
+            forge("python3", &sleep, &marker, elsewhere.path(), None),
+        ),
+        // As the operator, in the stage directory, but another program.
+        (
+            "another program",
+            forge("sleep", &["600"], &marker, &s.path(""), None),
+        ),
+    ];
+    if nix::unistd::geteuid().is_root() {
+        // Everything right but the uid: what a box's process is.
+        forgeries.push((
+            "another uid",
+            forge("python3", &sleep, &marker, &s.path(""), Some(65534)),
+        ));
+    }
+    for (what, forged) in &forgeries {
+        assert!(forged.is_alive(), "{what}");
+    }
+
+    let mut g2 = g.clone();
+    let (inv, pl) = s.plan(&mut g2, Mode::Deploy).await;
+    let c = action_of(&pl, "process/web");
+    assert_eq!(c.action, Action::Update, "{c:?}");
+    assert_eq!(
+        (c.fields[0].name.as_str(), c.fields[0].old.clone()),
+        ("running", Some(Value::Bool(false))),
+        "the dead process is seen dead"
+    );
+    assert!(inv.duplicates.is_empty(), "{:?}", inv.duplicates);
+
+    // Deploy starts the real one and stops none of the others.
+    let (_, r) = s.apply(&g, Mode::Deploy).await;
+    assert_eq!(r.status, ApplyStatus::Succeeded, "{:?}", r.failed);
+    let now = s.web_pids();
+    assert_eq!(now.len(), 1);
+    assert!(get(s.port));
+    for (what, forged) in &forgeries {
+        assert!(forged.is_alive(), "deploy stopped the process with {what}");
+        assert_ne!(now[0], *forged);
+        kill(forged.pid);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_from_an_older_boxctl_is_found_in_its_own_stage_only() {
+    let a = Stage::new();
+    let g = a.graph("v1\n");
+    let (_, r) = a.apply(&g, Mode::Deploy).await;
+    assert_eq!(r.status, ApplyStatus::Succeeded, "{:?}", r.failed);
+    // What an older boxctl left: the marker without a digest, a record, no launch note.
+    let real = a.web_pids()[0].clone();
+    let legacy = marker_of(real.pid).unwrap();
+    let legacy = legacy.split('@').next().unwrap();
+    kill(real.pid);
+    testkit::wait_until(Duration::from_secs(5), || !real.is_alive());
+    let port = a.port.to_string();
+    let old = forge(
+        "python3",
+        &[
+            "-m",
+            "http.server",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            "data",
+        ],
+        legacy,
+        &a.path(""),
+        None,
+    );
+    testkit::wait_until(Duration::from_secs(10), || get(a.port));
+    let record_path = a.path(".boxctl/resources/process~web.json");
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    record["process"] = serde_json::to_value(&old).unwrap();
+    std::fs::write(&record_path, serde_json::to_vec(&record).unwrap()).unwrap();
+    let _ = std::fs::remove_dir_all(a.path(".boxctl/launches"));
+
+    // Its stage finds it: nothing to do, nothing duplicated.
+    let mut g2 = g.clone();
+    let (inv, pl) = a.plan(&mut g2, Mode::Deploy).await;
+    assert!(!pl.has_changes(), "{:?}", pl.changes);
+    assert!(inv.duplicates.is_empty());
+    assert_eq!(a.web_pids(), vec![old.clone()]);
+
+    // A stage of the same names elsewhere does not.
+    let b = Stage::named(&a.stack);
+    let (pl, r) = b.apply(&b.graph("v1\n"), Mode::Deploy).await;
+    assert_eq!(pl.summary.create, 4, "{:?}", pl.changes);
+    assert_eq!(r.status, ApplyStatus::Succeeded, "{:?}", r.failed);
+    assert!(old.is_alive(), "B's deploy stopped A's process");
+    assert_ne!(b.web_pids(), vec![old]);
 }

@@ -48,12 +48,16 @@ fn status_json(stage: &Stage) -> serde_json::Value {
 
 /// Processes serving the slow service (by its marker).
 fn slow_services(stage: &Stage) -> usize {
-    let needle = format!("BOXCTL_RESOURCE={}/dev/service/slow", stage.stack);
+    // The marker ends in `@<digest of the stage directory>`.
+    let needle = format!("BOXCTL_RESOURCE={}/dev/service/slow@", stage.stack);
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
         .filter_map(|e| std::fs::read(e.path().join("environ")).ok())
-        .filter(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
+        .filter(|env| {
+            env.split(|b| *b == 0)
+                .any(|v| v.starts_with(needle.as_bytes()))
+        })
         .count()
 }
 

@@ -32,12 +32,19 @@ pub fn bin_dir() -> PathBuf {
 impl Stage {
     /// A stage with `runners` runners and extra stage TOML (services, …).
     pub fn new(runners: u32, extra: &str) -> Stage {
+        // Unique stack name: /proc scans and cgroups of parallel tests never meet.
+        let stack = format!("e2e{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        Stage::named(&stack, runners, extra)
+    }
+
+    /// A `dev` stage of `stack` in a state directory of its own: two of the
+    /// same name are two stages that must never touch each other.
+    pub fn named(stack: &str, runners: u32, extra: &str) -> Stage {
         let dir = tempfile::Builder::new()
             .prefix("boxlite-e2e-")
             .tempdir()
             .unwrap();
-        // Unique stack name: /proc scans and cgroups of parallel tests never meet.
-        let stack = format!("e2e{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let stack = stack.to_string();
         let api_port = testkit::free_port();
         let base = consecutive_free(runners.max(1) as u16, api_port) - 1;
         let text = format!(
@@ -120,9 +127,11 @@ impl Stage {
         )
     }
 
-    /// Live processes of this stage (by boxctl's marker).
+    /// Live processes of this stage: boxctl's marker, working under this
+    /// stage's directory (another stage of the same name has its own).
     pub fn processes(&self) -> Vec<u32> {
         let needle = format!("BOXCTL_RESOURCE={}/dev/", self.stack);
+        let root = std::fs::canonicalize(self.dir.path()).unwrap();
         let mut out = Vec::new();
         for e in std::fs::read_dir("/proc").unwrap().flatten() {
             let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -132,11 +141,27 @@ impl Stage {
                 && env
                     .split(|b| *b == 0)
                     .any(|v| v.starts_with(needle.as_bytes()))
+                && std::fs::read_link(format!("/proc/{pid}/cwd"))
+                    .is_ok_and(|c| c.starts_with(&root))
             {
                 out.push(pid);
             }
         }
         out
+    }
+
+    /// The pid and marker value of the process boxctl started for `id`
+    /// (`runner/runner-1`), by its marker.
+    pub fn marked(&self, id: &str) -> Option<(u32, String)> {
+        let prefix = format!("BOXCTL_RESOURCE={}/dev/{id}@", self.stack);
+        self.processes().into_iter().find_map(|pid| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let var = env
+                .split(|b| *b == 0)
+                .find(|v| v.starts_with(prefix.as_bytes()))?;
+            let value = String::from_utf8_lossy(&var["BOXCTL_RESOURCE=".len()..]).into_owned();
+            session_leader(pid).then_some((pid, value))
+        })
     }
 }
 
@@ -238,6 +263,17 @@ pub fn consecutive_free(n: u16, avoid: u16) -> u16 {
             return first;
         }
     }
+}
+
+/// True when `pid` leads its session (as every process boxctl starts does).
+pub fn session_leader(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s[s.rfind(')')? + 1..].to_string();
+            rest.split_whitespace().nth(3)?.parse::<u32>().ok()
+        })
+        == Some(pid)
 }
 
 /// stdout as text.

@@ -1,10 +1,14 @@
 //! The local target: the platform on this machine under a stage directory.
 //!
 //! Each resource leaves a record under `<stage>/.boxctl/resources/`; processes
-//! also carry their identity in their environment, so one found in `/proc`
-//! without a record (boxctl died right after starting it) is still recognised.
+//! also carry their name in their environment, checked against what the
+//! kernel says of them ([`identity`]), and boxctl notes each process it
+//! starts under `<stage>/.boxctl/launches/` before it waits for it to be
+//! healthy, so one found in `/proc` without a record (boxctl died before it
+//! could write one) is still recognised.
 
 pub mod host;
+pub mod identity;
 pub mod process;
 pub mod registration;
 
@@ -23,10 +27,13 @@ use stack::{DesiredGraph, Policy, Props, Resource, ResourceId, Value, kinds};
 
 use crate::engine::provider::{Inventory, KindSpec, Observed, Provider, ProviderError, StepCtx};
 use crate::engine::store::write_atomic;
+use identity::{Expect, Found, Marker, Refused, StageId};
 use process::{Health, ProcId};
 
 /// Directory of resource records, relative to the stage directory.
 pub const RECORDS_DIR: &str = ".boxctl/resources";
+/// Directory of launch notes, relative to the stage directory.
+pub const LAUNCHES_DIR: &str = ".boxctl/launches";
 /// Directory of the lock and journal, relative to the stage directory.
 pub const STATE_DIR: &str = ".boxctl/state";
 
@@ -84,6 +91,19 @@ struct Record {
     process: Option<ProcId>,
 }
 
+/// What boxctl last started for a process resource: written before it
+/// starts the program and again with the process's identity right after,
+/// before the health check, so a process found later without a record (the
+/// run died while waiting for it) can still be checked and adopted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Launch {
+    /// The resolved program.
+    program: PathBuf,
+    /// The process, once started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    process: Option<ProcId>,
+}
+
 /// The local provider of one stage.
 pub struct LocalProvider {
     stack: String,
@@ -134,8 +154,26 @@ impl LocalProvider {
         &self.stage_dir
     }
 
-    fn marker(&self, id: &ResourceId) -> String {
-        format!("{}/{}/{}", self.stack, self.stage, id)
+    /// The live processes of process resource `id`, oldest first: what
+    /// `observe` counts as it.
+    pub fn processes(&self, id: &ResourceId) -> Result<Vec<ProcId>, ProviderError> {
+        Ok(self.own_processes(
+            id,
+            &process::scan(&self.marker_prefix()),
+            self.record(id)?.as_ref(),
+            self.launches().get(id),
+            None,
+        ))
+    }
+
+    /// `<stack>/<stage>/`: what every marker of this stage starts with.
+    fn marker_prefix(&self) -> String {
+        format!("{}/{}/", self.stack, self.stage)
+    }
+
+    /// The name a process of `id` carries in its marker.
+    fn marker_name(&self, id: &ResourceId) -> String {
+        format!("{}{id}", self.marker_prefix())
     }
 
     /// A path inside the stage directory; `..` and absolute paths are refused.
@@ -156,17 +194,56 @@ impl LocalProvider {
             .join(format!("{}.json", id.as_str().replace('/', "~")))
     }
 
+    fn launch_path(&self, id: &ResourceId) -> PathBuf {
+        self.stage_dir
+            .join(LAUNCHES_DIR)
+            .join(format!("{}.json", id.as_str().replace('/', "~")))
+    }
+
+    fn write_launch(&self, id: &ResourceId, launch: &Launch) -> Result<(), ProviderError> {
+        let body = serde_json::to_vec_pretty(launch).expect("launch serializes");
+        write_atomic(&self.launch_path(id), &body, 0o600).map_err(|e| hard("write launch", e))
+    }
+
+    /// The launch notes by resource id. A note that cannot be read is no
+    /// evidence of anything and is skipped (the next start rewrites it).
+    fn launches(&self) -> BTreeMap<ResourceId, Launch> {
+        let Ok(entries) = fs::read_dir(self.stage_dir.join(LAUNCHES_DIR)) else {
+            return BTreeMap::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e
+                    .file_name()
+                    .to_str()?
+                    .strip_suffix(".json")?
+                    .replace('~', "/");
+                let launch = serde_json::from_slice(&fs::read(e.path()).ok()?).ok()?;
+                Some((ResourceId::new(name), launch))
+            })
+            .collect()
+    }
+
     fn write_record(&self, rec: &Record) -> Result<(), ProviderError> {
         let body = serde_json::to_vec_pretty(rec).expect("record serializes");
         write_atomic(&self.record_path(&rec.id), &body, 0o600).map_err(|e| hard("write record", e))
     }
 
     fn remove_record(&self, id: &ResourceId) -> Result<(), ProviderError> {
-        match fs::remove_file(self.record_path(id)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(hard("remove record", e)),
+        for path in [self.launch_path(id), self.record_path(id)] {
+            match fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(hard("remove record", e)),
+            }
         }
+        Ok(())
+    }
+
+    /// The record of `id`, if boxctl has one.
+    fn record(&self, id: &ResourceId) -> Result<Option<Record>, ProviderError> {
+        Ok(self.records()?.into_iter().find(|r| r.id == *id))
     }
 
     fn records(&self) -> Result<Vec<Record>, ProviderError> {
@@ -251,10 +328,69 @@ impl LocalProvider {
         })
     }
 
+    /// The live processes of process resource `id`, oldest first: those
+    /// carrying its marker that [`identity::check`] accepts against what
+    /// boxctl knows of it — its record (program and process), its launch
+    /// note, and `starting`, the program about to be started.
+    fn own_processes(
+        &self,
+        id: &ResourceId,
+        found: &[Found],
+        record: Option<&Record>,
+        launch: Option<&Launch>,
+        starting: Option<&Path>,
+    ) -> Vec<ProcId> {
+        let Some(stage) = StageId::of(&self.stage_dir) else {
+            return Vec::new();
+        };
+        let recorded = record.and_then(|r| self.program(&r.props, id).ok());
+        let programs = identity::program_paths(
+            launch
+                .map(|l| l.program.as_path())
+                .into_iter()
+                .chain(recorded.as_deref())
+                .chain(starting),
+        );
+        let known: Vec<ProcId> = record
+            .and_then(|r| r.process.clone())
+            .into_iter()
+            .chain(launch.and_then(|l| l.process.clone()))
+            .collect();
+        let expect = Expect {
+            uid: nix::unistd::geteuid().as_raw(),
+            stage: &stage,
+            programs: &programs,
+            known: &known,
+        };
+        let name = self.marker_name(id);
+        found
+            .iter()
+            .filter(|f| f.marker.name == name)
+            .filter(|f| match identity::check(&expect, f) {
+                Ok(()) => true,
+                Err(why) => {
+                    // Another stage's process, or one from before digests in
+                    // another directory, is ordinary; one claiming this very
+                    // stage directory is not.
+                    if f.marker.stage.is_some() && why != Refused::OtherStage {
+                        tracing::warn!(
+                            "pid {} carries the marker of {id} but {why}: not taken for it",
+                            f.process.pid
+                        );
+                    } else {
+                        tracing::debug!("pid {} is not {id} of this stage: {why}", f.process.pid);
+                    }
+                    false
+                }
+            })
+            .map(|f| f.process.clone())
+            .collect()
+    }
+
     fn observe_one(
         &self,
         rec: &Record,
-        live: &BTreeMap<String, Vec<ProcId>>,
+        live: &[ProcId],
         registered: &BTreeMap<(String, String), Option<std::collections::BTreeSet<String>>>,
         inv: &mut Inventory,
     ) {
@@ -335,12 +471,12 @@ impl LocalProvider {
                 props = rec.props.clone();
             }
             kinds::LOCAL_PROCESS => {
-                let procs = live.get(&self.marker(id)).cloned().unwrap_or_default();
-                // The recorded process if it lives, else the oldest one carrying the marker.
+                let procs = live.to_vec();
+                // The recorded process if it is one of them, else the oldest.
                 let current = rec
                     .process
                     .as_ref()
-                    .filter(|p| p.is_alive())
+                    .filter(|p| procs.contains(p))
                     .cloned()
                     .or_else(|| procs.first().cloned());
                 props = rec.props.clone();
@@ -382,9 +518,8 @@ impl LocalProvider {
         }
     }
 
-    async fn start_process(&self, d: &Resource) -> Result<ProcId, ProviderError> {
+    async fn start_process(&self, d: &Resource, program: &Path) -> Result<ProcId, ProviderError> {
         let id = &d.id;
-        let program = self.program(&d.props, id)?;
         let args: Vec<String> = d
             .props
             .get("args")
@@ -418,17 +553,36 @@ impl LocalProvider {
             .with_hint("stop that process, or choose other ports in [local] of stack.toml"));
         }
         fs::create_dir_all(&self.stage_dir).map_err(|e| hard("start process", e))?;
-        let marker = self.marker(id);
+        let stage = StageId::of(&self.stage_dir).ok_or_else(|| {
+            hard(
+                "start process",
+                format!(
+                    "{id}: stage directory {} vanished",
+                    self.stage_dir.display()
+                ),
+            )
+        })?;
+        let marker = Marker::value(&self.marker_name(id), &stage);
         let spec = process::Spec {
-            program: &program,
+            program,
             args: &args,
             env: &env,
-            cwd: &self.stage_dir,
+            cwd: &stage.dir,
             log: &log,
             marker: &marker,
         };
+        let mut launch = Launch {
+            program: program.to_path_buf(),
+            process: None,
+        };
+        self.write_launch(id, &launch)?;
         let (pid, offset) = process::spawn(&spec)
             .map_err(|e| hard("start process", format!("{id}: {}: {e}", program.display())))?;
+        launch.process = Some(pid.clone());
+        if let Err(e) = self.write_launch(id, &launch) {
+            process::stop(&pid, Duration::from_secs(5));
+            return Err(e);
+        }
         match process::wait_healthy(&pid, &health, self.health_timeout).await {
             Ok(_) => Ok(pid),
             Err(why) => {
@@ -574,12 +728,12 @@ impl Provider for LocalProvider {
 
     async fn observe(&self) -> Result<Inventory, ProviderError> {
         let records = self.records()?;
-        let live =
-            if records.iter().any(|r| r.kind == kinds::LOCAL_PROCESS) || self.stage_dir.exists() {
-                process::scan(&format!("{}/{}/", self.stack, self.stage))
-            } else {
-                BTreeMap::new()
-            };
+        let mut launches = self.launches();
+        let found = if self.stage_dir.exists() {
+            process::scan(&self.marker_prefix())
+        } else {
+            Vec::new()
+        };
         // Each control plane with registrations is asked once.
         let mut registered = BTreeMap::new();
         for (key, ()) in registration::endpoints(
@@ -592,19 +746,22 @@ impl Provider for LocalProvider {
             registered.insert(key, names);
         }
         let mut inv = Inventory::default();
-        let recorded: std::collections::BTreeSet<String> =
-            records.iter().map(|r| self.marker(&r.id)).collect();
         for rec in &records {
+            let launch = launches.remove(&rec.id);
+            let live = if rec.kind == kinds::LOCAL_PROCESS {
+                self.own_processes(&rec.id, &found, Some(rec), launch.as_ref(), None)
+            } else {
+                Vec::new()
+            };
             self.observe_one(rec, &live, &registered, &mut inv);
         }
-        // Processes carrying our marker without a record: boxctl died between
-        // starting them and recording them. They are observed with no known
-        // properties, so the plan restarts them under a record.
-        for (marker, procs) in &live {
-            if recorded.contains(marker) {
-                continue;
-            }
-            let id = ResourceId::new(marker.splitn(3, '/').nth(2).unwrap_or_default());
+        // Processes boxctl started without recording them: the run died
+        // before they were healthy. They are observed with no known
+        // properties, so the plan restarts them under a record. A process
+        // carrying a marker of this stage with neither record nor launch
+        // note is nothing boxctl can vouch for, and is left alone.
+        for (id, launch) in &launches {
+            let procs = self.own_processes(id, &found, None, Some(launch), None);
             for (i, p) in procs.iter().enumerate() {
                 let mut props = Props::new();
                 props.insert("running".into(), Value::Bool(true));
@@ -676,12 +833,21 @@ impl Provider for LocalProvider {
             }
             kinds::LOCAL_PROCESS => {
                 // A process left running by a run that died: stop it before
-                // starting ours (exact marker only: runner-1 is not runner-10).
-                let marker = self.marker(id);
-                for stale in process::scan(&marker).remove(&marker).unwrap_or_default() {
-                    process::stop(&stale, Duration::from_secs(10));
+                // starting ours (exact name only: runner-1 is not runner-10;
+                // and only what passes the identity check: never another
+                // stage's process, nor a box's).
+                let program = self.program(&d.props, id)?;
+                let stale = self.own_processes(
+                    id,
+                    &process::scan(&self.marker_prefix()),
+                    self.record(id)?.as_ref(),
+                    self.launches().get(id),
+                    Some(&program),
+                );
+                for p in stale {
+                    process::stop(&p, Duration::from_secs(10));
                 }
-                let pid = self.start_process(d).await?;
+                let pid = self.start_process(d, &program).await?;
                 outputs.insert("pid".into(), Value::Int(i64::from(pid.pid)));
                 process = Some(pid);
             }

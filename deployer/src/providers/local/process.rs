@@ -1,5 +1,6 @@
 //! Supervised processes: daemonized so they outlive boxctl, found again by an
-//! environment marker in `/proc`, tracked by pid plus start time (never
+//! environment marker in `/proc` and checked to be what they claim (see
+//! [`identity`](super::identity)), tracked by pid plus start time (never
 //! confused after pid reuse), health-checked after start, stopped politely.
 
 use std::collections::BTreeMap;
@@ -15,7 +16,11 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-/// Environment variable carrying `<stack>/<stage>/<id>`: the process's identity in the world.
+use super::identity::{Facts, Found, Marker};
+
+/// Environment variable carrying `<stack>/<stage>/<id>@<stage digest>` (see
+/// [`Marker`]): which resource a process claims to be, checked by
+/// [`check`](super::identity::check) before it is believed.
 pub const MARKER: &str = "BOXCTL_RESOURCE";
 
 /// How one running process is known.
@@ -75,12 +80,14 @@ impl ProcId {
     }
 }
 
-/// Every live supervised process carrying a marker that starts with
-/// `prefix`, by marker value. A supervised process is the session leader
+/// Every live supervised process whose marker starts with `prefix`, with
+/// what the kernel says about it; which of them a resource's are is for
+/// [`check`](super::identity::check) to say. A supervised process is the session leader
 /// boxctl started; its children inherit the marker but are not leaders, so
-/// a service's workers are never taken for copies of the service.
-pub fn scan(prefix: &str) -> BTreeMap<String, Vec<ProcId>> {
-    let mut found: BTreeMap<String, Vec<ProcId>> = BTreeMap::new();
+/// a service's workers are never taken for copies of the service. A process
+/// boxctl may not inspect is left out.
+pub fn scan(prefix: &str) -> Vec<Found> {
+    let mut found = Vec::new();
     let Ok(entries) = fs::read_dir("/proc") else {
         return found;
     };
@@ -96,25 +103,27 @@ pub fn scan(prefix: &str) -> BTreeMap<String, Vec<ProcId>> {
         let Ok(environ) = fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };
-        for var in environ.split(|b| *b == 0) {
-            if let Some(value) = std::str::from_utf8(var)
-                .ok()
-                .and_then(|v| v.strip_prefix(&needle))
-            {
-                let leader = stat(pid).is_some_and(|s| s.session == pid);
-                if let Some(id) = ProcId::of(pid).filter(|p| leader && p.is_alive()) {
-                    found
-                        .entry(format!("{prefix}{value}"))
-                        .or_default()
-                        .push(id);
-                }
-                break;
-            }
+        let Some(value) = environ
+            .split(|b| *b == 0)
+            .filter_map(|var| std::str::from_utf8(var).ok())
+            .find(|var| var.starts_with(&needle))
+            .map(|var| &var[MARKER.len() + 1..])
+        else {
+            continue;
+        };
+        let leader = stat(pid).is_some_and(|s| s.session == pid);
+        let Some(process) = ProcId::of(pid).filter(|p| leader && p.is_alive()) else {
+            continue;
+        };
+        if let Some(facts) = Facts::read(&entry.path()) {
+            found.push(Found {
+                marker: Marker::parse(value),
+                process,
+                facts,
+            });
         }
     }
-    for ids in found.values_mut() {
-        ids.sort_by_key(|p| (p.start_time, p.pid));
-    }
+    found.sort_by_key(|f| (f.process.start_time, f.process.pid));
     found
 }
 
